@@ -1,0 +1,35 @@
+"""x2go-sftp: share local folders with an X2Go session over sshfs, safely and fast.
+
+A drop-in replacement for python-x2go's ``x2go.sftpserver``.  The public
+names are re-exported here; see :mod:`x2go_sftp.sftpserver` for the tunnel.
+"""
+
+from .exports import Export, Exports
+from .log import X2GoLogger
+from .rforward import (
+    X2GoRevFwChannelThread,
+    X2GoRevFwTunnel,
+    x2go_rev_forward_channel_handler,
+    x2go_transport_tcp_handler,
+)
+from .sftpserver import (
+    X2GoRevFwSFTPChannelThread,
+    X2GoRevFwTunnelToSFTP,
+    x2go_rev_forward_sftpchannel_handler,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Export",
+    "Exports",
+    "X2GoLogger",
+    "X2GoRevFwChannelThread",
+    "X2GoRevFwSFTPChannelThread",
+    "X2GoRevFwTunnel",
+    "X2GoRevFwTunnelToSFTP",
+    "__version__",
+    "x2go_rev_forward_channel_handler",
+    "x2go_rev_forward_sftpchannel_handler",
+    "x2go_transport_tcp_handler",
+]

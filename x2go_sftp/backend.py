@@ -1,0 +1,516 @@
+"""The SFTP backend: paramiko's ``SFTPServerInterface`` over the jail.
+
+Every method resolves its path through :class:`~x2go_sftp.jail.Jail` and does
+the final operation with an ``*at`` call relative to the descriptor the walk
+returned, never following a symlink in the last step.  Errors come back as a
+:class:`~x2go_sftp.status.Status` (an int with a message), never as exceptions.
+
+Beyond paramiko's interface the backend offers the methods our engine looks
+for to switch on OpenSSH extensions: :meth:`opendir`, :meth:`posix_rename`,
+:meth:`hardlink`, :meth:`lsetstat`, :meth:`statvfs`, :meth:`realpath`,
+:meth:`home`, and on handles ``fsync``, ``statvfs``, ``read_batch``.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import stat as stat_mod
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import paramiko
+from paramiko.sftp import SFTP_OK
+from paramiko.sftp_attr import SFTPAttributes
+
+from . import log
+from .exports import Export, Exports
+from .jail import Jail, Resolved, refused
+from .status import OK, Status, from_oserror
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_OPEN_EXTRA = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+
+T = TypeVar("T")
+
+
+def _status_on_error(fn: Callable[..., T]) -> Callable[..., T | Status]:
+    """Turn OSError (and ValueError from bad client input) into a Status."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> T | Status:
+        try:
+            return fn(self, *args, **kwargs)
+        except OSError as e:
+            self._log_error(fn.__name__, args, e)
+            return from_oserror(e)
+        except (ValueError, UnicodeError) as e:
+            self._log_error(fn.__name__, args, e)
+            return Status(paramiko.sftp.SFTP_FAILURE, "Invalid argument")
+
+    return wrapper
+
+
+def _attributes(st: os.stat_result, filename: str | None = None) -> SFTPAttributes:
+    attr = SFTPAttributes.from_stat(st)
+    if filename is not None:
+        attr.filename = filename
+    return attr
+
+
+def _check_writable(export: Export) -> None:
+    if export.read_only:
+        raise PermissionError(errno.EACCES, "read-only export")
+
+
+def _apply_attr_at(dir_fd: int, name: str, attr: SFTPAttributes) -> None:
+    """SETSTAT on ``name`` in ``dir_fd`` without following a final symlink.
+
+    Order as OpenSSH's sftp-server: size, permissions, times, owner.  Size is
+    a real ``ftruncate`` (paramiko's stock helper reopened the file with "w+",
+    which zero-filled it).
+    """
+    flags = attr._flags
+    if flags & attr.FLAG_SIZE:
+        fd = os.open(name, os.O_WRONLY | _OPEN_EXTRA, dir_fd=dir_fd)
+        try:
+            if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            os.ftruncate(fd, attr.st_size)
+        finally:
+            os.close(fd)
+    if flags & attr.FLAG_PERMISSIONS:
+        try:
+            os.chmod(name, attr.st_mode & 0o7777, dir_fd=dir_fd, follow_symlinks=False)
+        except (NotImplementedError, ValueError):
+            # Linux cannot chmod a symlink itself (fchmodat AT_SYMLINK_NOFOLLOW).
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) from None
+    if flags & attr.FLAG_AMTIME:
+        os.utime(name, (attr.st_atime, attr.st_mtime), dir_fd=dir_fd, follow_symlinks=False)
+    if flags & attr.FLAG_UIDGID:
+        os.chown(name, attr.st_uid, attr.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _apply_attr_fd(fd: int, attr: SFTPAttributes) -> None:
+    flags = attr._flags
+    if flags & attr.FLAG_SIZE:
+        os.ftruncate(fd, attr.st_size)
+    if flags & attr.FLAG_PERMISSIONS:
+        os.chmod(fd, attr.st_mode & 0o7777)
+    if flags & attr.FLAG_AMTIME:
+        os.utime(fd, (attr.st_atime, attr.st_mtime))
+    if flags & attr.FLAG_UIDGID:
+        os.chown(fd, attr.st_uid, attr.st_gid)
+
+
+class FileHandle(paramiko.SFTPHandle):
+    """An open regular file under an export; dies with the export."""
+
+    def __init__(self, fd: int, export: Export, flags: int, name: str):
+        super().__init__(flags)
+        self.fd = fd
+        self.export = export
+        self.filename = name
+        self.writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
+
+    def _live(self) -> int:
+        if self.fd < 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        if not self.export.active:
+            raise refused("export removed")
+        return self.fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def read(self, offset: int, length: int) -> bytes | int:
+        try:
+            return os.pread(self._live(), length, offset)
+        except OSError as e:
+            return from_oserror(e)
+
+    def write(self, offset: int, data: bytes) -> int:
+        try:
+            fd = self._live()
+            if self.export.read_only:
+                raise refused("read-only export")
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view = view[n:]
+                offset += n
+            return SFTP_OK
+        except OSError as e:
+            return from_oserror(e)
+
+    def stat(self) -> SFTPAttributes | int:
+        try:
+            return _attributes(os.fstat(self._live()))
+        except OSError as e:
+            return from_oserror(e)
+
+    def chattr(self, attr: SFTPAttributes) -> int:
+        try:
+            fd = self._live()
+            _check_writable(self.export)
+            _apply_attr_fd(fd, attr)
+            return OK
+        except OSError as e:
+            return from_oserror(e)
+
+    def fsync(self) -> int:
+        """fsync@openssh.com."""
+        try:
+            os.fsync(self._live())
+            return OK
+        except OSError as e:
+            return from_oserror(e)
+
+    def statvfs(self) -> os.statvfs_result | int:
+        """fstatvfs@openssh.com."""
+        try:
+            return os.fstatvfs(self._live())
+        except OSError as e:
+            return from_oserror(e)
+
+
+class DirHandle(paramiko.SFTPHandle):
+    """An open directory, listed in batches straight from the kernel (never whole)."""
+
+    def __init__(self, fd: int, export: Export, name: str, at_root: bool):
+        super().__init__(0)
+        self.export = export
+        self.filename = name
+        self._fd = fd
+        self._scan = os.scandir(fd)  # works on its own dup of fd
+        here = os.fstat(fd)
+        # Never reveal the attributes of the directory above an export.
+        up = here if at_root else os.stat("..", dir_fd=fd)
+        self._pending: list[SFTPAttributes] = [_attributes(here, "."), _attributes(up, "..")]
+
+    def read_batch(self, max_names: int) -> list[SFTPAttributes] | int:
+        """Up to ``max_names`` entries; [] at the end of the directory."""
+        if not self.export.active:
+            return from_oserror(refused("export removed"))
+        out = self._pending[:max_names]
+        del self._pending[:max_names]
+        while len(out) < max_names:
+            try:
+                entry = next(self._scan)
+            except StopIteration:
+                break
+            except OSError as e:
+                return from_oserror(e)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # removed while listing
+            out.append(_attributes(st, entry.name))
+        return out
+
+    def push_back(self, entries: list[SFTPAttributes]) -> None:
+        """Return entries that did not fit in a reply; they come first next time."""
+        self._pending[:0] = entries
+
+    def _get_next_files(self) -> list[SFTPAttributes]:
+        # paramiko's stock SFTPServer pulls 16 names at a time through this.
+        batch = self.read_batch(16)
+        return batch if isinstance(batch, list) else []
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._scan.close()
+            os.close(self._fd)
+            self._fd = -1
+
+
+class JailedSFTPServer(paramiko.SFTPServerInterface):
+    """paramiko ``SFTPServerInterface`` serving only the given exports.
+
+    Args:
+        server: the inner SSH ``ServerInterface`` (paramiko passes it).
+        exports: the :class:`~x2go_sftp.exports.Exports` to serve; none: refuse all.
+        logger: an X2Go-style logger.
+    """
+
+    def __init__(
+        self,
+        server: paramiko.ServerInterface,
+        *args: Any,
+        exports: Exports | None = None,
+        logger: log.LoggerLike | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(server, *args, **kwargs)
+        self.exports = exports if exports is not None else Exports()
+        self.jail = Jail(self.exports)
+        self.logger = log.tagged(logger, "sftp")
+
+    # -- helpers -----------------------------------------------------------
+    def _log_error(self, op: str, args: tuple[Any, ...], e: Exception) -> None:
+        if self.logger.enabled(log.loglevel_DEBUG_SFTPXFER):
+            self.logger(f"{op}{args!r}: {e}", loglevel=log.loglevel_DEBUG_SFTPXFER)
+        if isinstance(e, PermissionError) and e.errno == errno.EACCES and not len(self.exports):
+            self.logger(f"{op} refused: nothing is exported", loglevel=log.loglevel_WARN)
+
+    def _resolve(self, path: str, follow_last: bool = True) -> Resolved:
+        return self.jail.resolve(path, follow_last=follow_last)
+
+    def _resolve_named(self, path: str) -> Resolved:
+        """Resolve for an operation on the final name itself (never the export root)."""
+        res = self._resolve(path, follow_last=False)
+        if res.name is None:
+            res.close()
+            raise refused("operation on an export root")
+        return res
+
+    # -- session ------------------------------------------------------------
+    def session_started(self) -> None:
+        self.logger("sFTP session started", loglevel=log.loglevel_DEBUG)
+
+    def session_ended(self) -> None:
+        self.logger("sFTP session ended", loglevel=log.loglevel_DEBUG)
+
+    # -- files ----------------------------------------------------------------
+    @_status_on_error
+    def open(self, path: str, flags: int, attr: SFTPAttributes) -> FileHandle:
+        excl = bool(flags & os.O_CREAT and flags & os.O_EXCL)
+        with self._resolve(path, follow_last=not excl) as res:
+            if flags & _WRITE_FLAGS:
+                _check_writable(res.export)
+            if res.name is None:
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            mode = 0o666
+            if attr is not None and attr._flags & attr.FLAG_PERMISSIONS:
+                mode = attr.st_mode & 0o7777
+            fd = os.open(res.name, flags | _OPEN_EXTRA, mode, dir_fd=res.dir_fd)
+            try:
+                if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+            except BaseException:
+                os.close(fd)
+                raise
+            return FileHandle(fd, res.export, flags, res.sftp_path)
+
+    @_status_on_error
+    def opendir(self, path: str) -> DirHandle:
+        with self._resolve(path) as res:
+            if res.name is not None:
+                fd = os.open(
+                    res.name, os.O_RDONLY | os.O_DIRECTORY | _OPEN_EXTRA, dir_fd=res.dir_fd
+                )
+            else:
+                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=res.dir_fd)
+            try:
+                return DirHandle(fd, res.export, res.sftp_path, res.is_root)
+            except BaseException:
+                os.close(fd)
+                raise
+
+    @_status_on_error
+    def list_folder(self, path: str) -> list[SFTPAttributes]:
+        handle = self.opendir(path)
+        if not isinstance(handle, DirHandle):
+            return handle  # type: ignore[return-value]
+        try:
+            out: list[SFTPAttributes] = []
+            while True:
+                batch = handle.read_batch(1024)
+                if not isinstance(batch, list):
+                    return batch  # type: ignore[return-value]
+                if not batch:
+                    return [a for a in out if a.filename not in (".", "..")]
+                out.extend(batch)
+        finally:
+            handle.close()
+
+    # -- attributes -----------------------------------------------------------
+    @_status_on_error
+    def stat(self, path: str) -> SFTPAttributes:
+        with self._resolve(path) as res:
+            if res.name is None:
+                return _attributes(os.fstat(res.dir_fd))
+            return _attributes(os.stat(res.name, dir_fd=res.dir_fd, follow_symlinks=False))
+
+    @_status_on_error
+    def lstat(self, path: str) -> SFTPAttributes:
+        with self._resolve(path, follow_last=False) as res:
+            if res.name is None:
+                return _attributes(os.fstat(res.dir_fd))
+            return _attributes(os.stat(res.name, dir_fd=res.dir_fd, follow_symlinks=False))
+
+    @_status_on_error
+    def chattr(self, path: str, attr: SFTPAttributes) -> int:
+        with self._resolve(path) as res:
+            _check_writable(res.export)
+            if res.name is None:
+                _apply_attr_fd_dir(res.dir_fd, attr)
+            else:
+                _apply_attr_at(res.dir_fd, res.name, attr)
+            return OK
+
+    @_status_on_error
+    def lsetstat(self, path: str, attr: SFTPAttributes) -> int:
+        """lsetstat@openssh.com: SETSTAT that never follows a final symlink."""
+        with self._resolve(path, follow_last=False) as res:
+            _check_writable(res.export)
+            if res.name is None:
+                _apply_attr_fd_dir(res.dir_fd, attr)
+            else:
+                _apply_attr_at(res.dir_fd, res.name, attr)
+            return OK
+
+    @_status_on_error
+    def statvfs(self, path: str) -> os.statvfs_result:
+        """statvfs@openssh.com."""
+        with self._resolve(path) as res:
+            if res.name is None:
+                return os.fstatvfs(res.dir_fd)
+            fd = os.open(res.name, getattr(os, "O_PATH", os.O_RDONLY) | _OPEN_EXTRA, dir_fd=res.dir_fd)
+            try:
+                return os.fstatvfs(fd)
+            finally:
+                os.close(fd)
+
+    # -- names ------------------------------------------------------------------
+    @_status_on_error
+    def remove(self, path: str) -> int:
+        with self._resolve_named(path) as res:
+            _check_writable(res.export)
+            os.unlink(res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]
+            return OK
+
+    @_status_on_error
+    def mkdir(self, path: str, attr: SFTPAttributes) -> int:
+        with self._resolve_named(path) as res:
+            _check_writable(res.export)
+            mode = 0o777
+            if attr is not None and attr._flags & attr.FLAG_PERMISSIONS:
+                mode = attr.st_mode & 0o7777
+            os.mkdir(res.name, mode, dir_fd=res.dir_fd)  # type: ignore[arg-type]
+            return OK
+
+    @_status_on_error
+    def rmdir(self, path: str) -> int:
+        with self._resolve_named(path) as res:
+            _check_writable(res.export)
+            os.rmdir(res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]  # never recursive
+            return OK
+
+    def _two_names(self, oldpath: str, newpath: str) -> tuple[Resolved, Resolved]:
+        old = self._resolve_named(oldpath)
+        try:
+            new = self._resolve_named(newpath)
+        except BaseException:
+            old.close()
+            raise
+        if old.export is not new.export:
+            old.close()
+            new.close()
+            raise OSError(errno.EXDEV, "source and target are in different exports")
+        if old.export.read_only:
+            old.close()
+            new.close()
+            raise refused("read-only export")
+        return old, new
+
+    @_status_on_error
+    def rename(self, oldpath: str, newpath: str) -> int:
+        """SFTP v3 RENAME: never replaces an existing target (as OpenSSH's sftp-server)."""
+        old, new = self._two_names(oldpath, newpath)
+        with old, new:
+            st = os.stat(old.name, dir_fd=old.dir_fd, follow_symlinks=False)  # type: ignore[arg-type]
+            if stat_mod.S_ISREG(st.st_mode):
+                # link + unlink: atomic "fail if the target exists" for files.
+                try:
+                    os.link(old.name, new.name, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd,  # type: ignore[arg-type]
+                            follow_symlinks=False)
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                        raise
+                    _rename_noreplace(old, new)
+                else:
+                    os.unlink(old.name, dir_fd=old.dir_fd)  # type: ignore[arg-type]
+            else:
+                _rename_noreplace(old, new)
+            return OK
+
+    @_status_on_error
+    def posix_rename(self, oldpath: str, newpath: str) -> int:
+        """posix-rename@openssh.com: atomic replace."""
+        old, new = self._two_names(oldpath, newpath)
+        with old, new:
+            os.rename(old.name, new.name, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd)  # type: ignore[arg-type]
+            return OK
+
+    @_status_on_error
+    def hardlink(self, oldpath: str, newpath: str) -> int:
+        """hardlink@openssh.com: both ends inside the same export."""
+        old, new = self._two_names(oldpath, newpath)
+        with old, new:
+            os.link(old.name, new.name, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd,  # type: ignore[arg-type]
+                    follow_symlinks=False)
+            return OK
+
+    @_status_on_error
+    def symlink(self, target_path: str, path: str) -> int:
+        """Create ``path`` -> ``target_path``; a target that leaves the export is refused."""
+        with self._resolve_named(path) as res:
+            _check_writable(res.export)
+            if not self.jail.link_target_allowed(res, target_path):
+                raise refused("symlink target outside the export")
+            os.symlink(target_path, res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]
+            return OK
+
+    @_status_on_error
+    def readlink(self, path: str) -> str:
+        with self._resolve_named(path) as res:
+            return os.readlink(res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]
+
+    @_status_on_error
+    def realpath(self, path: str) -> str:
+        """Canonical name with symlinks expanded; the final component may not exist."""
+        with self._resolve(path) as res:
+            return res.sftp_path
+
+    def canonicalize(self, path: str) -> str:
+        # paramiko's stock engine wants a string no matter what; ours uses realpath().
+        result = self.realpath(path)
+        if isinstance(result, str):
+            return result
+        home = self.exports.home or "/"
+        try:
+            return self.exports.normalize(path)
+        except OSError:
+            return home
+
+    def home(self) -> str | None:
+        """Our "home": the first export (what REALPATH "." and ``~`` resolve to)."""
+        return self.exports.home
+
+    def iter_exports(self) -> Iterator[Export]:
+        return iter(self.exports)
+
+
+def _apply_attr_fd_dir(dir_fd: int, attr: SFTPAttributes) -> None:
+    """SETSTAT on a directory we hold as an O_PATH descriptor (an export root or walked dir)."""
+    if attr._flags & attr.FLAG_SIZE:
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        _apply_attr_fd(fd, attr)
+    finally:
+        os.close(fd)
+
+
+def _rename_noreplace(old: Resolved, new: Resolved) -> None:
+    """rename that fails with EEXIST if the target exists (best effort without renameat2)."""
+    try:
+        os.stat(new.name, dir_fd=new.dir_fd, follow_symlinks=False)  # type: ignore[arg-type]
+    except FileNotFoundError:
+        os.rename(old.name, new.name, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd)  # type: ignore[arg-type]
+    else:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))

@@ -1,0 +1,42 @@
+"""Process-wide defaults: the local user name, the client OS, the default host key.
+
+Nothing expensive happens at import: the host key is generated on first use.
+"""
+
+from __future__ import annotations
+
+import getpass
+import platform
+import threading
+
+import paramiko
+
+X2GOCLIENT_OS = platform.system()
+
+# NIST SP 800-57 / BSI TR-02102 recommend >= 3000-bit RSA beyond 2023; the
+# original used a 1024-bit key, which OpenSSH itself refuses since 8.x.
+HOST_KEY_BITS = 3072
+
+_host_key: paramiko.PKey | None = None
+_host_key_lock = threading.Lock()
+
+
+def current_local_user() -> str:
+    """The user name sshfs must log in as (python-x2go's ``CURRENT_LOCAL_USER``)."""
+    return getpass.getuser()
+
+
+def default_host_key() -> paramiko.PKey:
+    """One RSA host key of :data:`HOST_KEY_BITS` bits per process, created on first use."""
+    global _host_key
+    with _host_key_lock:
+        if _host_key is None:
+            _host_key = paramiko.RSAKey.generate(HOST_KEY_BITS)
+        return _host_key
+
+
+def set_default_host_key(key: paramiko.PKey | None) -> None:
+    """Replace the process-wide default host key (None: generate a new one on next use)."""
+    global _host_key
+    with _host_key_lock:
+        _host_key = key

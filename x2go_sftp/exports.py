@@ -1,0 +1,226 @@
+"""The exported folders: which local directories a tunnel serves, and how they are named.
+
+The SFTP namespace is the real absolute local path, because that is what
+X2Go's sshfs asks for (``user@127.0.0.1:"/home/alice/Documents"``).  On a
+Windows client python-x2go names drives ``/windrive/<letter>/...`` and UNC
+shares ``/uncpath/<server>/<share>/...``; the mapping between those names and
+local paths lives here as pure functions so it can be tested anywhere.
+
+An :class:`Export` owns a directory file descriptor of its root, opened once
+when the export is added.  Every lookup below it goes through that descriptor
+(see :mod:`x2go_sftp.jail`), so renaming or replacing the root path later does
+not redirect the export.  Removing an export makes it unreachable at once; its
+root descriptor is closed only when no request still holds it, so a number can
+never be reused under a running walk.
+"""
+
+from __future__ import annotations
+
+import errno
+import ntpath
+import os
+import posixpath
+import threading
+from collections.abc import Iterable, Iterator
+
+from .defaults import X2GOCLIENT_OS
+
+WINDRIVE_PREFIX = "/windrive/"
+UNCPATH_PREFIX = "/uncpath/"
+
+# Linux PATH_MAX; longer client paths are refused before any syscall.
+MAX_PATH_BYTES = 4096
+
+
+def split_components(path: str) -> list[str]:
+    """Split an absolute or relative SFTP path into components, lexically resolving . and ..
+
+    ``..`` at the top stays at the top (as the kernel does for ``/..``);
+    callers check the result against an export, so that can never escape one.
+    """
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    return parts
+
+
+def normalize(path: str, home: str | None) -> str:
+    """Absolute, lexically normalised form of a client path (relative paths start at ``home``)."""
+    if not path.startswith("/"):
+        path = (home or "/") + "/" + path
+    return "/" + "/".join(split_components(path))
+
+
+def windows_local_to_sftp(local: str) -> str:
+    """``C:\\Users\\x`` -> ``/windrive/c/Users/x``; ``\\\\srv\\share\\d`` -> ``/uncpath/srv/share/d``."""
+    drive, rest = ntpath.splitdrive(local)
+    parts = [p for p in rest.replace("\\", "/").split("/") if p]
+    if drive.startswith("\\\\") or drive.startswith("//"):
+        unc = [p for p in drive.replace("\\", "/").split("/") if p]
+        return UNCPATH_PREFIX + "/".join(unc + parts)
+    if len(drive) == 2 and drive[1] == ":" and drive[0].isalpha():
+        return WINDRIVE_PREFIX + "/".join([drive[0].lower()] + parts)
+    raise ValueError(f"not an absolute Windows path: {local!r}")
+
+
+def sftp_to_windows_local(sftp_path: str) -> str:
+    """Inverse of :func:`windows_local_to_sftp`, on a normalised SFTP path."""
+    parts = split_components(sftp_path)
+    if len(parts) >= 2 and parts[0] == "windrive" and len(parts[1]) == 1 and parts[1].isalpha():
+        return parts[1].upper() + ":\\" + "\\".join(parts[2:])
+    if len(parts) >= 3 and parts[0] == "uncpath":
+        return "\\\\" + "\\".join(parts[1:])
+    raise ValueError(f"not a /windrive or /uncpath name: {sftp_path!r}")
+
+
+def local_to_sftp(local: str, client_os: str = X2GOCLIENT_OS) -> str:
+    """The SFTP name of a local folder, as sshfs will ask for it."""
+    if client_os == "Windows":
+        return windows_local_to_sftp(local)
+    if not posixpath.isabs(local):
+        raise ValueError(f"export paths must be absolute: {local!r}")
+    return normalize(local, None)
+
+
+class Export:
+    """One exported directory: its SFTP name, its root descriptor, read-only or not."""
+
+    def __init__(self, local_path: str, read_only: bool = False, client_os: str = X2GOCLIENT_OS):
+        self.local_path = local_path
+        self.sftp_path = local_to_sftp(local_path, client_os)
+        self.components = tuple(split_components(self.sftp_path))
+        self.read_only = read_only
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        self._root_fd = os.open(local_path, flags | getattr(os, "O_PATH", 0))
+        self._lock = threading.Lock()
+        self._users = 0
+        self._active = True
+
+    @property
+    def active(self) -> bool:
+        """False once the export has been removed; handles opened under it stop working."""
+        return self._active
+
+    def acquire(self) -> int:
+        """Pin and return the root descriptor, or raise EACCES if the export is gone."""
+        with self._lock:
+            if not self._active:
+                raise PermissionError(errno.EACCES, "export removed")
+            self._users += 1
+            return self._root_fd
+
+    def release(self) -> None:
+        """Unpin the root descriptor; the last release after :meth:`close` closes it."""
+        with self._lock:
+            self._users -= 1
+            if not self._active and self._users == 0:
+                self._close_fd()
+
+    def close(self) -> None:
+        """Deactivate now; close the root descriptor once no walk holds it."""
+        with self._lock:
+            if not self._active:
+                return
+            self._active = False
+            if self._users == 0:
+                self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def __repr__(self) -> str:
+        ro = " ro" if self.read_only else ""
+        return f"<Export {self.sftp_path}{ro}>"
+
+
+class Exports:
+    """The set of exports of one tunnel; safe to change while sessions run.
+
+    The first export added is "home": relative paths, ``.`` and ``~`` resolve there.
+    """
+
+    def __init__(self, paths: Iterable[str | tuple[str, bool]] = (), client_os: str = X2GOCLIENT_OS):
+        self.client_os = client_os
+        self._lock = threading.Lock()
+        self._exports: list[Export] = []
+        for item in paths:
+            if isinstance(item, tuple):
+                self.add(item[0], read_only=item[1])
+            else:
+                self.add(item)
+
+    def add(self, path: str, read_only: bool = False) -> Export:
+        """Export the existing directory ``path`` (replacing an export of the same name)."""
+        export = Export(path, read_only=read_only, client_os=self.client_os)
+        with self._lock:
+            old = [e for e in self._exports if e.sftp_path == export.sftp_path]
+            self._exports = [e for e in self._exports if e.sftp_path != export.sftp_path]
+            self._exports.append(export)
+        for e in old:
+            e.close()
+        return export
+
+    def remove(self, path: str) -> bool:
+        """Stop exporting ``path``; True if it was exported."""
+        name = local_to_sftp(path, self.client_os)
+        with self._lock:
+            gone = [e for e in self._exports if e.sftp_path == name]
+            self._exports = [e for e in self._exports if e.sftp_path != name]
+        for e in gone:
+            e.close()
+        return bool(gone)
+
+    def clear(self) -> None:
+        """Remove every export."""
+        with self._lock:
+            gone, self._exports = self._exports, []
+        for e in gone:
+            e.close()
+
+    def __iter__(self) -> Iterator[Export]:
+        with self._lock:
+            return iter(list(self._exports))
+
+    def __len__(self) -> int:
+        return len(self._exports)
+
+    @property
+    def home(self) -> str | None:
+        """SFTP name of the first export, or None when nothing is exported."""
+        with self._lock:
+            return self._exports[0].sftp_path if self._exports else None
+
+    def normalize(self, path: str) -> str:
+        """Absolute normalised SFTP path for a client path (relative to home)."""
+        if "\x00" in path:
+            raise OSError(errno.EINVAL, "NUL byte in path")
+        if len(os.fsencode(path)) > MAX_PATH_BYTES:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        return normalize(path, self.home)
+
+    def find(self, path: str) -> tuple[Export, list[str]]:
+        """The export a normalised SFTP path lies in and the components below its root.
+
+        Raises PermissionError (EACCES) for anything outside every export, whether
+        or not it exists, so refusals reveal nothing.
+        """
+        parts = split_components(path)
+        best: Export | None = None
+        with self._lock:
+            for export in self._exports:
+                n = len(export.components)
+                if tuple(parts[:n]) == export.components and (
+                    best is None or n > len(best.components)
+                ):
+                    best = export
+        if best is None:
+            raise PermissionError(errno.EACCES, "outside the exported folders")
+        return best, parts[len(best.components) :]

@@ -1,0 +1,98 @@
+"""The inner SSH server: a paramiko server ``Transport`` over one forwarded channel.
+
+sshfs on the X2Go server speaks SSH to us through the reverse-forwarded port;
+each such connection arrives as a ``forwarded-tcpip`` channel of the outer
+transport, and we run a complete SSH server over it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import paramiko
+
+from . import log
+from .auth import SessionKeyAuth
+from .defaults import current_local_user, default_host_key
+from .engine import SFTPEngine
+from .backend import JailedSFTPServer
+from .exports import Exports
+
+# How long the SSH handshake and authentication may take before we give up on
+# a channel (sshfs normally needs well under a second on loopback).
+HANDSHAKE_TIMEOUT = 30.0
+AUTH_TIMEOUT = 30.0
+
+
+class InnerTransport(paramiko.Transport):
+    """Server ``Transport`` with the fixes our clients need on every paramiko release."""
+
+    def _really_parse_kex_init(self, m: paramiko.Message, ignore_first_byte: bool = False) -> dict[str, Any]:
+        parsed: dict[str, Any] = super()._really_parse_kex_init(m, ignore_first_byte)
+        # paramiko < 3.3 only recognises "ext-info-c" as the *last* kex name;
+        # OpenSSH >= 9.2 sends "kex-strict-c-v00@openssh.com" after it (Debian 12).
+        # Without ext-info we never send server-sig-algs and OpenSSH >= 8.8
+        # refuses to sign with RSA: "no mutual signature supported".  Moving the
+        # marker to the end is harmless on releases that scan the whole list.
+        kex = list(parsed["kex_algo_list"])
+        info = [k for k in kex if k.startswith("ext-info-")]
+        if info and kex[-1] != info[0]:
+            kex.remove(info[0])
+            kex.append(info[0])
+            parsed["kex_algo_list"] = kex
+        return parsed
+
+
+def serve_channel(
+    chan: paramiko.Channel,
+    auth_key: paramiko.PKey,
+    *,
+    exports: Exports | None = None,
+    host_key: paramiko.PKey | None = None,
+    username: str | None = None,
+    logger: log.LoggerLike | None = None,
+    on_transport: Any = None,
+) -> None:
+    """Run an SSH + SFTP server over ``chan`` until the client or the tunnel closes it.
+
+    Args:
+        chan: the forwarded channel (any socket-like object works).
+        auth_key: the only key accepted.
+        exports: what is served (none: every request is refused).
+        host_key: our host key (default: the process-wide 3072-bit RSA key).
+        username: the only user name accepted (default: the local user).
+        logger: an X2Go-style logger.
+        on_transport: called with the inner transport once it exists, so the
+            owner can close it (pause/stop).
+    """
+    logger = log.tagged(logger, "inner")
+    transport = InnerTransport(chan)
+    transport.daemon = True
+    try:
+        if on_transport is not None:
+            on_transport(transport)
+        transport.add_server_key(host_key if host_key is not None else default_host_key())
+        transport.set_subsystem_handler(
+            "sftp", SFTPEngine, sftp_si=JailedSFTPServer, exports=exports, logger=logger.wrapped
+        )
+        server = SessionKeyAuth(auth_key, username or current_local_user(), logger=logger.wrapped)
+        transport.banner_timeout = HANDSHAKE_TIMEOUT
+        transport.handshake_timeout = HANDSHAKE_TIMEOUT
+        try:
+            transport.start_server(server=server)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            logger(f"inner SSH negotiation on {chan} failed: {e}", loglevel=log.loglevel_INFO)
+            return
+        # The client must log in and open its session channel in time; a peer
+        # that connects and idles is dropped instead of holding a thread.
+        # Keep the reference: paramiko closes a Channel when it is garbage collected.
+        session = transport.accept(AUTH_TIMEOUT)
+        if session is None:
+            logger(f"no authenticated session on {chan} within {AUTH_TIMEOUT}s", loglevel=log.loglevel_INFO)
+            return
+        transport.join()
+        del session
+    finally:
+        transport.close()
+        chan.close()
+        logger(f"sFTP channel {chan} closed down", loglevel=log.loglevel_DEBUG)

@@ -1,0 +1,220 @@
+"""Resolve a client path to a file descriptor under an export, or refuse.
+
+This module's whole job is the walk.  Modelled on Go's ``os.Root`` and on
+``openat2(RESOLVE_BENEATH)``:
+
+* the start is the export's root directory descriptor, never a path string;
+* each component is opened relative to its parent with ``O_NOFOLLOW``;
+* a symlink met on the way is read with ``readlinkat`` and its target spliced
+  into the walk: a relative target continues from the link's directory, an
+  absolute one must name a place inside the *same* export and restarts at its
+  root; a ``..`` that would climb above the export root is refused;
+* no decision is made on a path string that is later handed to the kernel
+  again, so a local process that swaps a directory for a symlink between our
+  steps only changes which object *inside* the export we reach.
+
+The caller receives the directory descriptor that holds the final component
+and the component's name, and performs the final operation with the ``*at``
+system call and ``O_NOFOLLOW`` / ``AT_SYMLINK_NOFOLLOW``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from types import TracebackType
+
+from .exports import Export, Exports, split_components
+
+# Linux SYMLOOP_MAX (40): the kernel's own limit on links followed in one lookup.
+MAX_SYMLINKS = 40
+
+# NAME_MAX on Linux filesystems; longer components are refused before any syscall.
+MAX_NAME_BYTES = 255
+
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
+_DIR_FLAGS = _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def refused(why: str = "outside the exported folders") -> PermissionError:
+    """The one error every escape attempt gets (EACCES -> SFTP PERMISSION_DENIED)."""
+    return PermissionError(errno.EACCES, why)
+
+
+class Resolved:
+    """A walked path: the directory descriptor holding ``name``, inside ``export``.
+
+    ``name`` is None when the path is a directory that was itself walked into
+    (the export root, or a directory reached with ``follow_last``); then
+    :attr:`dir_fd` is that directory.  Use as a context manager: it closes the
+    descriptors of the walk and unpins the export root.
+    """
+
+    def __init__(self, export: Export, root_fd: int):
+        self.export = export
+        self.root_fd = root_fd
+        self._stack: list[tuple[str, int]] = []
+        self.name: str | None = None
+        self._closed = False
+
+    @property
+    def dir_fd(self) -> int:
+        """Descriptor of the directory the final component lives in (or the directory itself)."""
+        return self._stack[-1][1] if self._stack else self.root_fd
+
+    @property
+    def components(self) -> list[str]:
+        """Physical components below the export root, the final name included."""
+        names = [n for n, _ in self._stack]
+        return names + [self.name] if self.name is not None else names
+
+    @property
+    def sftp_path(self) -> str:
+        """The canonical SFTP name of what was resolved (symlinks expanded)."""
+        return "/" + "/".join(list(self.export.components) + self.components)
+
+    @property
+    def is_root(self) -> bool:
+        """True when the path is the export root itself."""
+        return not self._stack and self.name is None
+
+    def _push(self, name: str, fd: int) -> None:
+        self._stack.append((name, fd))
+
+    def _pop(self) -> None:
+        if not self._stack:
+            raise refused("'..' above the export root")
+        os.close(self._stack.pop()[1])
+
+    def _reset(self) -> None:
+        while self._stack:
+            os.close(self._stack.pop()[1])
+
+    def close(self) -> None:
+        """Close the walk's descriptors and unpin the export root."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reset()
+        self.export.release()
+
+    def __enter__(self) -> Resolved:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Jail:
+    """Resolves client paths under a set of :class:`~x2go_sftp.exports.Exports`."""
+
+    def __init__(self, exports: Exports):
+        self.exports = exports
+
+    def resolve(self, path: str, follow_last: bool = True) -> Resolved:
+        """Walk ``path`` under its export.
+
+        Args:
+            path: a client path (absolute, or relative to the first export).
+            follow_last: expand a symlink in the final component (stat, open)
+                or leave it as the name to operate on (lstat, remove, rename).
+
+        Returns:
+            A :class:`Resolved`; its ``name`` may not exist yet (for creation).
+
+        Raises:
+            PermissionError: EACCES for anything outside the exports.
+            OSError: ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG from the walk itself.
+        """
+        export, parts = self.exports.find(self.exports.normalize(path))
+        root_fd = export.acquire()
+        res = Resolved(export, root_fd)
+        try:
+            self._walk(res, parts, follow_last)
+        except BaseException:
+            res.close()
+            raise
+        return res
+
+    def _walk(self, res: Resolved, parts: list[str], follow_last: bool) -> None:
+        pending = list(reversed(parts))  # a stack: pending[-1] is the next component
+        links = 0
+        while pending:
+            name = pending.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                res._pop()
+                continue
+            if len(os.fsencode(name)) > MAX_NAME_BYTES:
+                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+            last = not any(p not in ("", ".") for p in pending)
+            if last and not follow_last:
+                res.name = name
+                return
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=res.dir_fd)
+            except OSError as e:
+                if e.errno == errno.ENOENT and last:
+                    res.name = name  # to be created
+                    return
+                if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                try:
+                    target = os.readlink(name, dir_fd=res.dir_fd)
+                except OSError as e2:
+                    if e2.errno == errno.EINVAL:  # not a symlink: a file
+                        if last:
+                            res.name = name
+                            return
+                        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+                    if e2.errno == errno.ENOENT and last:  # vanished: treat as missing
+                        res.name = name
+                        return
+                    raise
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None
+                self._splice(res, target, pending)
+                continue
+            res._push(name, fd)
+
+    def _splice(self, res: Resolved, target: str, pending: list[str]) -> None:
+        """Continue the walk through a symlink's target, never leaving the export."""
+        if "\x00" in target or not target:
+            raise refused("bad symlink target")
+        if target.startswith("/"):
+            n = len(res.export.components)
+            tparts = split_components(target)
+            if tuple(tparts[:n]) != res.export.components:
+                raise refused("symlink points outside the export")
+            res._reset()
+            pending.extend(reversed(tparts[n:]))
+        else:
+            pending.extend(reversed(target.split("/")))
+
+    def link_target_allowed(self, res: Resolved, target: str) -> bool:
+        """Would a symlink placed at ``res`` with ``target`` stay inside the export?
+
+        Checked against the physical location of the link (lexically from there);
+        following a link is independently confined by :meth:`resolve`.
+        """
+        if not target or "\x00" in target:
+            return False
+        if target.startswith("/"):
+            n = len(res.export.components)
+            return tuple(split_components(target)[:n]) == res.export.components
+        depth = len(res.components) - 1  # directories between the root and the link
+        for part in target.split("/"):
+            if part == "..":
+                depth -= 1
+                if depth < 0:
+                    return False
+            elif part not in ("", "."):
+                depth += 1
+        return True

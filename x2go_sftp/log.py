@@ -1,0 +1,192 @@
+"""X2Go-style logging (``x2go.log`` compatible) on top of stdlib :mod:`logging`.
+
+python-x2go passes an ``X2GoLogger`` instance around and calls it as
+``logger(msg, loglevel=loglevel_DEBUG)``.  We keep that calling convention and
+the level constants bit for bit, but every message that passes the X2Go level
+mask is handed to a stdlib logger under ``x2go_sftp.*``, so applications
+configure output the usual way.  Nothing is printed unless the caller sets a
+``destination`` stream, as the original did with ``sys.stderr``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import IO, Any, Callable, Protocol
+
+loglevel_NONE = 0
+loglevel_ERROR = 8
+loglevel_WARN = 16
+loglevel_NOTICE = 32
+loglevel_INFO = 64
+loglevel_DEBUG = 128
+loglevel_DEBUG_SFTPXFER = 1024
+
+loglevel_DEFAULT = loglevel_ERROR | loglevel_WARN | loglevel_NOTICE
+"""Default: NOTICE | WARN | ERROR (56), as in python-x2go."""
+
+# Below logging.DEBUG: per-request SFTP traces are noisier than any debug output.
+SFTPXFER = 5
+
+_STDLIB_LEVEL = {
+    loglevel_ERROR: logging.ERROR,
+    loglevel_WARN: logging.WARNING,
+    loglevel_NOTICE: logging.INFO,
+    loglevel_INFO: logging.INFO,
+    loglevel_DEBUG: logging.DEBUG,
+    loglevel_DEBUG_SFTPXFER: SFTPXFER,
+}
+
+_NAMES = {
+    loglevel_ERROR: "error",
+    loglevel_WARN: "warn",
+    loglevel_NOTICE: "notice",
+    loglevel_INFO: "info",
+    loglevel_DEBUG: "debug",
+    loglevel_DEBUG_SFTPXFER: "debug-sftpxfer",
+}
+
+
+class LoggerLike(Protocol):
+    """Anything python-x2go would accept as a logger: ``logger(msg, loglevel=...)``."""
+
+    def __call__(self, msg: str, loglevel: int = ...) -> Any: ...
+
+
+def stdlib_level(loglevel: int) -> int:
+    """Map an X2Go log level bit to a stdlib logging level."""
+    return _STDLIB_LEVEL.get(loglevel, logging.INFO)
+
+
+class X2GoLogger:
+    """A python-x2go compatible logger that writes through stdlib logging.
+
+    Args:
+        name: program name shown in ``destination`` lines (default: ``sys.argv[0]``).
+        loglevel: bit mask of the ``loglevel_*`` constants that pass.
+        tag: default tag; it also names the stdlib logger (``x2go_sftp.<tag>``).
+    """
+
+    _loglevel_NAMES = _NAMES
+
+    def __init__(
+        self,
+        name: str | None = None,
+        loglevel: int = loglevel_DEFAULT,
+        tag: str | None = None,
+    ) -> None:
+        self.name = os.path.basename(name if name is not None else (sys.argv[0] or "python"))
+        self.tag = tag
+        self.loglevel = loglevel
+        self.progpid = os.getpid()
+        self.destination: IO[str] | None = None
+
+    def message(self, msg: str, loglevel: int = loglevel_NONE, tag: str | None = None) -> None:
+        """Log ``msg`` if ``loglevel`` is in this logger's mask."""
+        if not loglevel & self.loglevel:
+            return
+        tag = self.tag if tag is None else tag
+        logger = logging.getLogger(f"x2go_sftp.{tag}" if tag else "x2go_sftp")
+        level = stdlib_level(loglevel)
+        if logger.isEnabledFor(level):
+            logger.log(level, "%s", msg)
+        if self.destination is not None:
+            label = _NAMES.get(loglevel, "log").upper()
+            text = str(msg).replace("\n", " ")
+            prefix = f"{self.name}[{self.progpid}]"
+            line = f"{prefix} ({tag}) {label}: {text}\n" if tag else f"{prefix} {label}: {text}\n"
+            self.destination.write(line)
+
+    __call__ = message
+
+    def get_loglevel(self) -> int:
+        """Return the current level mask."""
+        return self.loglevel
+
+    def set_loglevel(self, loglevel_name: int | str = "none") -> None:
+        """Set the mask, from an int or a name (``quiet``, ``error`` ... ``debug``)."""
+        if isinstance(loglevel_name, int):
+            self.loglevel = loglevel_name
+            return
+        setter = getattr(self, f"set_loglevel_{loglevel_name}", None)
+        if setter is None:
+            self.loglevel = loglevel_DEFAULT
+        else:
+            setter()
+
+    def set_loglevel_quiet(self) -> None:
+        self.loglevel = loglevel_NONE
+
+    set_loglevel_none = set_loglevel_quiet
+
+    def set_loglevel_error(self) -> None:
+        self.loglevel = loglevel_ERROR
+
+    def set_loglevel_warn(self) -> None:
+        self.loglevel = loglevel_ERROR | loglevel_WARN
+
+    def set_loglevel_notice(self) -> None:
+        self.loglevel = loglevel_ERROR | loglevel_WARN | loglevel_NOTICE
+
+    def set_loglevel_info(self) -> None:
+        self.loglevel = loglevel_ERROR | loglevel_WARN | loglevel_NOTICE | loglevel_INFO
+
+    def set_loglevel_debug(self) -> None:
+        self.loglevel = (
+            loglevel_ERROR | loglevel_WARN | loglevel_NOTICE | loglevel_INFO | loglevel_DEBUG
+        )
+
+    def enable_debug_sftpxfer(self) -> None:
+        self.loglevel |= loglevel_DEBUG_SFTPXFER
+
+    def disable_debug_sftpxfer(self) -> None:
+        self.loglevel &= ~loglevel_DEBUG_SFTPXFER
+
+
+class TaggedLogger:
+    """Wraps a caller's logger with our tag, without copying or mutating it.
+
+    The original deep-copied the caller's logger per object just to set a tag;
+    we wrap instead.  A foreign logger (python-x2go's own ``X2GoLogger`` or any
+    callable) is called as ``logger(msg, loglevel=...)`` and the message is also
+    sent to stdlib logging; our own ``X2GoLogger`` already does the latter.
+    """
+
+    def __init__(self, logger: LoggerLike | None, tag: str, loglevel: int = loglevel_DEFAULT):
+        self.tag = tag
+        self.wrapped: LoggerLike = logger if logger is not None else X2GoLogger(loglevel=loglevel)
+        self._stdlib = logging.getLogger(f"x2go_sftp.{tag}")
+
+    def __call__(self, msg: str, loglevel: int = loglevel_NONE) -> None:
+        wrapped = self.wrapped
+        if isinstance(wrapped, X2GoLogger):
+            wrapped.message(msg, loglevel=loglevel, tag=self.tag)
+            return
+        if isinstance(wrapped, TaggedLogger):
+            wrapped(msg, loglevel=loglevel)
+            return
+        level = stdlib_level(loglevel)
+        if self._stdlib.isEnabledFor(level):
+            self._stdlib.log(level, "%s", msg)
+        try:
+            wrapped(msg, loglevel=loglevel)
+        except Exception:  # a broken foreign logger must not break the tunnel
+            self._stdlib.exception("caller's logger failed")
+
+    def get_loglevel(self) -> int:
+        getter: Callable[[], int] | None = getattr(self.wrapped, "get_loglevel", None)
+        return getter() if getter is not None else loglevel_DEFAULT
+
+    def enabled(self, loglevel: int) -> bool:
+        """True if a message at ``loglevel`` would be emitted (to skip costly formatting)."""
+        if not isinstance(self.wrapped, (X2GoLogger, TaggedLogger)):
+            return True
+        return bool(self.get_loglevel() & loglevel)
+
+
+def tagged(logger: LoggerLike | None, tag: str, loglevel: int = loglevel_DEFAULT) -> TaggedLogger:
+    """Return ``logger`` wrapped with ``tag``; a fresh ``X2GoLogger`` if None."""
+    if isinstance(logger, TaggedLogger):
+        return TaggedLogger(logger.wrapped, tag, loglevel)
+    return TaggedLogger(logger, tag, loglevel)

@@ -1,0 +1,145 @@
+"""Folder sharing for X2Go: an SFTP server at the end of a reverse tunnel.
+
+Drop-in for python-x2go's ``x2go.sftpserver``: same names, same signatures,
+same threading model.  The X2Go server's sshfs connects to a port forwarded
+back over python-x2go's SSH connection; each connection arrives here as a
+channel, on which we run an SSH server that accepts only the session key and
+serves only the exported folders over SFTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import paramiko
+
+from . import log, rforward
+from .exports import Exports
+from .inner import serve_channel
+
+__NAME__ = "x2gosftpserver-pylib"
+
+
+class X2GoRevFwSFTPChannelThread(rforward.X2GoRevFwChannelThread):
+    """The thread serving one sshfs connection (a clone of ``X2GoRevFwChannelThread``)."""
+
+    def __init__(self, channel: paramiko.Channel, remote: tuple[str, int] | None = None, **kwargs: Any):
+        super().__init__(channel, remote, **kwargs)
+        self.inner_transport: paramiko.Transport | None = None
+
+    def close_channel(self) -> None:
+        # Closing the inner transport ends the SSH session cleanly first.
+        inner = self.inner_transport
+        if inner is not None:
+            inner.close()
+        super().close_channel()
+
+
+def x2go_rev_forward_sftpchannel_handler(
+    chan: paramiko.Channel | None = None,
+    auth_key: paramiko.PKey | None = None,
+    logger: log.LoggerLike | None = None,
+    *,
+    exports: Exports | None = None,
+    host_key: paramiko.PKey | None = None,
+    username: str | None = None,
+    thread: X2GoRevFwSFTPChannelThread | None = None,
+) -> None:
+    """Serve SSH + SFTP on one forwarded channel until it closes.
+
+    Args:
+        chan: the forwarded channel.
+        auth_key: the only key accepted; without one the channel is closed at once.
+        logger: an ``X2GoLogger`` or compatible callable.
+        exports: the folders to serve (none: every request is refused).
+        host_key: the inner server's host key (default: a 3072-bit RSA key per process).
+        username: the only user accepted (default: the local user).
+        thread: the channel thread, told about the inner transport so pause() can close it.
+    """
+    xlog = log.tagged(logger, __NAME__)
+    if chan is None:
+        return
+    if auth_key is None:
+        xlog(f"sFTP channel {chan} closed because of missing authentication key",
+             loglevel=log.loglevel_DEBUG)
+        chan.close()
+        return
+
+    def remember(transport: paramiko.Transport) -> None:
+        if thread is not None:
+            thread.inner_transport = transport
+
+    serve_channel(chan, auth_key, exports=exports, host_key=host_key, username=username,
+                  logger=logger, on_transport=remember)
+
+
+class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
+    """A reverse forwarding tunnel with an SFTP server at its end.
+
+    Args:
+        server_port: the port on the X2Go server (sshfs connects there).
+        ssh_transport: python-x2go's paramiko ``Transport`` to the X2Go server.
+        auth_key: the session key sshfs authenticates with (any ``PKey``).
+        session_instance: python-x2go's ``X2GoSession``, or None.
+        logger: an ``X2GoLogger`` or compatible callable.
+        loglevel: level mask of the logger created when ``logger`` is None.
+        exports: folders to serve; ``str`` or ``(path, read_only)`` items.
+            Nothing is served until something is exported: ``/`` never is by default.
+        host_key: the inner server's host key (default: a 3072-bit RSA key per process).
+        username: the only user sshfs may log in as (default: the local user).
+    """
+
+    _log_tag = __NAME__
+
+    def __init__(
+        self,
+        server_port: int,
+        ssh_transport: paramiko.Transport,
+        auth_key: paramiko.PKey | None = None,
+        session_instance: Any = None,
+        logger: log.LoggerLike | None = None,
+        loglevel: int = log.loglevel_DEFAULT,
+        *,
+        exports: Any = (),
+        host_key: paramiko.PKey | None = None,
+        username: str | None = None,
+    ):
+        super().__init__(server_port, rforward.FORWARD_ADDRESS, 0, ssh_transport,
+                         session_instance=session_instance, logger=logger, loglevel=loglevel)
+        self.auth_key = auth_key if isinstance(auth_key, paramiko.PKey) else None
+        self._owns_exports = not isinstance(exports, Exports)
+        self.exports = exports if isinstance(exports, Exports) else Exports(exports)
+        self.host_key = host_key
+        self.username = username
+
+    def add_export(self, path: str, read_only: bool = False) -> None:
+        """Serve the local directory ``path`` (absolute) from now on."""
+        self.exports.add(path, read_only=read_only)
+        self.logger(f"exporting {path}{' (read-only)' if read_only else ''}", loglevel=log.loglevel_INFO)
+
+    def remove_export(self, path: str) -> None:
+        """Stop serving ``path``; open handles under it stop working at once."""
+        if self.exports.remove(path):
+            self.logger(f"no longer exporting {path}", loglevel=log.loglevel_INFO)
+
+    def _start_channel_thread(self, chan: paramiko.Channel) -> None:
+        self.logger(f"sFTP channel {chan} for server port [127.0.0.1]:{self.server_port} is up",
+                    loglevel=log.loglevel_DEBUG)
+        kwargs: dict[str, Any] = {
+            "chan": chan,
+            "auth_key": self.auth_key,
+            "logger": self.logger.wrapped,
+            "exports": self.exports,
+            "host_key": self.host_key,
+            "username": self.username,
+        }
+        thread = X2GoRevFwSFTPChannelThread(chan, target=x2go_rev_forward_sftpchannel_handler,
+                                            kwargs=kwargs)
+        kwargs["thread"] = thread
+        self._track(thread, chan)
+
+    def stop_thread(self) -> None:
+        """End the tunnel, close every session, and release the exports it created."""
+        super().stop_thread()
+        if self._owns_exports:
+            self.exports.clear()

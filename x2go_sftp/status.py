@@ -1,0 +1,68 @@
+"""SFTP status codes that carry their message, and the errno -> status mapping."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from paramiko.sftp import (
+    SFTP_DESC,
+    SFTP_FAILURE,
+    SFTP_NO_SUCH_FILE,
+    SFTP_OK,
+    SFTP_OP_UNSUPPORTED,
+    SFTP_PERMISSION_DENIED,
+)
+
+_NO_SUCH_FILE = {errno.ENOENT, errno.ENOTDIR}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
+class Status(int):
+    """An SFTP status code (an ``int``, as paramiko's interface expects) with a message.
+
+    paramiko's ``SFTPServerInterface`` methods return bare ints; returning a
+    ``Status`` instead stays compatible with that contract while letting our
+    engine send a useful message ("Directory not empty") instead of "Failure".
+    """
+
+    message: str
+
+    def __new__(cls, code: int, message: str | None = None) -> Status:
+        obj = super().__new__(cls, code)
+        if message is None:
+            try:
+                message = SFTP_DESC[code]
+            except IndexError:
+                message = "Unknown"
+        obj.message = message
+        return obj
+
+    def __repr__(self) -> str:
+        return f"Status({int(self)}, {self.message!r})"
+
+
+OK = Status(SFTP_OK)
+
+
+def code_for_errno(err: int | None) -> int:
+    """The SFTP v3 status for an errno (as OpenSSH's sftp-server maps them)."""
+    if err in _NO_SUCH_FILE:
+        return SFTP_NO_SUCH_FILE
+    if err in _DENIED:
+        return SFTP_PERMISSION_DENIED
+    if err in _UNSUPPORTED:
+        return SFTP_OP_UNSUPPORTED
+    return SFTP_FAILURE
+
+
+def from_oserror(e: OSError) -> Status:
+    """Status for an OSError; the message is the errno's standard text, nothing more.
+
+    The standard text (not ``e.strerror``) goes on the wire so that a refusal
+    of an outside path reads the same whether or not that path exists.
+    """
+    err = e.errno
+    text = os.strerror(err) if err else (str(e) or "Failure")
+    return Status(code_for_errno(err), text)
