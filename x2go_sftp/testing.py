@@ -40,7 +40,10 @@ def _relay(sock: socket.socket, chan: paramiko.Channel) -> None:
     except (OSError, EOFError):
         pass
     finally:
-        chan.close()
+        try:
+            chan.close()
+        except (OSError, EOFError):  # the transport died first
+            pass
         sock.close()
 
 
