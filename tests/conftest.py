@@ -74,8 +74,9 @@ def export_dir(tmp_path: Any) -> str:
 
 
 @pytest.fixture
-def make_tunnel(outer: paramiko.Transport, session_key: paramiko.RSAKey,
-                host_key: paramiko.RSAKey) -> Iterator[Callable[..., X2GoRevFwTunnelToSFTP]]:
+def make_tunnel(
+    outer: paramiko.Transport, session_key: paramiko.RSAKey, host_key: paramiko.RSAKey
+) -> Iterator[Callable[..., X2GoRevFwTunnelToSFTP]]:
     """Start tunnels on ``outer``; each is stopped and joined at teardown."""
     tunnels: list[X2GoRevFwTunnelToSFTP] = []
 
@@ -102,8 +103,9 @@ def connect(session_key: paramiko.RSAKey, local_user: str) -> Iterator[Callable[
     """Open SFTP sessions through a tunnel's forwarded port; closed at teardown."""
     opened: list[paramiko.Transport] = []
 
-    def open_(tunnel: X2GoRevFwTunnelToSFTP, key: paramiko.PKey | None = None,
-              username: str | None = None) -> paramiko.SFTPClient:
+    def open_(
+        tunnel: X2GoRevFwTunnelToSFTP, key: paramiko.PKey | None = None, username: str | None = None
+    ) -> paramiko.SFTPClient:
         transport, client = sftp_client(tunnel.server_port, key or session_key, username or local_user)
         opened.append(transport)
         return client
@@ -114,8 +116,11 @@ def connect(session_key: paramiko.RSAKey, local_user: str) -> Iterator[Callable[
 
 
 @pytest.fixture
-def sftp(make_tunnel: Callable[..., X2GoRevFwTunnelToSFTP], connect: Callable[..., paramiko.SFTPClient],
-         export_dir: str) -> paramiko.SFTPClient:
+def sftp(
+    make_tunnel: Callable[..., X2GoRevFwTunnelToSFTP],
+    connect: Callable[..., paramiko.SFTPClient],
+    export_dir: str,
+) -> paramiko.SFTPClient:
     """An SFTP session through a tunnel exporting ``export_dir``."""
     return connect(make_tunnel([export_dir]))
 

@@ -125,8 +125,9 @@ LogLevel VERBOSE
     proc.wait(10)
 
 
-def write_key_files(workdir: Path, session_key: paramiko.RSAKey, host_key: paramiko.PKey,
-                    port: int) -> tuple[Path, Path]:
+def write_key_files(
+    workdir: Path, session_key: paramiko.RSAKey, host_key: paramiko.PKey, port: int
+) -> tuple[Path, Path]:
     """The session key file and its ``.ident`` known-hosts file, as python-x2go writes them."""
     keyfile = workdir / f"key-{port}"
     session_key.write_private_key_file(str(keyfile))
@@ -136,27 +137,55 @@ def write_key_files(workdir: Path, session_key: paramiko.RSAKey, host_key: param
     return keyfile, ident
 
 
-def run_sftp(port: int, keyfile: Path, ident: Path, commands: str, user: str | None = None,
-             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_sftp(
+    port: int, keyfile: Path, ident: Path, commands: str, user: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """OpenSSH ``sftp`` in batch mode against 127.0.0.1:port (commands one per line)."""
     require("sftp")
     return subprocess.run(
-        ["sftp", "-b", "-", "-P", str(port), "-i", str(keyfile),
-         "-o", f"UserKnownHostsFile={ident}", "-o", "StrictHostKeyChecking=yes",
-         "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-         f"{user or current_local_user()}@127.0.0.1"],
-        input=commands, capture_output=True, text=True, timeout=timeout,
+        [
+            "sftp",
+            "-b",
+            "-",
+            "-P",
+            str(port),
+            "-i",
+            str(keyfile),
+            "-o",
+            f"UserKnownHostsFile={ident}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            f"{user or current_local_user()}@127.0.0.1",
+        ],
+        input=commands,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
-def sshfs_command(port: int, keyfile: Path, ident: Path, remote_path: str, mountpoint: Path,
-                  user: str | None = None) -> list[str]:
+def sshfs_command(
+    port: int, keyfile: Path, ident: Path, remote_path: str, mountpoint: Path, user: str | None = None
+) -> list[str]:
     """Exactly the sshfs command line X2Go's x2gomountdirs runs."""
     uid, gid = os.getuid(), os.getgid()
-    opts = (f"idmap=user,uid={uid},gid={gid},default_permissions,ServerAliveInterval=300,"
-            f"IdentityFile={keyfile},UserKnownHostsFile={ident}")
-    return ["sshfs", "-o", opts, f"{user or current_local_user()}@127.0.0.1:{remote_path}",
-            str(mountpoint), "-p", str(port)]
+    opts = (
+        f"idmap=user,uid={uid},gid={gid},default_permissions,ServerAliveInterval=300,"
+        f"IdentityFile={keyfile},UserKnownHostsFile={ident}"
+    )
+    return [
+        "sshfs",
+        "-o",
+        opts,
+        f"{user or current_local_user()}@127.0.0.1:{remote_path}",
+        str(mountpoint),
+        "-p",
+        str(port),
+    ]
 
 
 def is_mounted(mountpoint: Path) -> bool:
@@ -171,7 +200,9 @@ def sshfs_mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     require("sshfs")
     mounts: list[Path] = []
 
-    def mount(port: int, keyfile: Path, ident: Path, remote_path: str, extra: list[str] | None = None) -> Path:
+    def mount(
+        port: int, keyfile: Path, ident: Path, remote_path: str, extra: list[str] | None = None
+    ) -> Path:
         mnt = tmp_path / f"mnt{len(mounts)}"
         mnt.mkdir()
         cmd = sshfs_command(port, keyfile, ident, remote_path, mnt) + (extra or [])

@@ -17,34 +17,74 @@ from x2go_sftp import log, rforward, sftpserver
 
 
 def params(obj: object) -> list[tuple[str, object]]:
-    return [(p.name, p.default) for p in inspect.signature(obj).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [
+        (p.name, p.default)
+        for p in inspect.signature(obj).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
 
 
 def test_log_level_constants():
-    assert (log.loglevel_NONE, log.loglevel_ERROR, log.loglevel_WARN, log.loglevel_NOTICE,
-            log.loglevel_INFO, log.loglevel_DEBUG, log.loglevel_DEBUG_SFTPXFER,
-            log.loglevel_DEFAULT) == (0, 8, 16, 32, 64, 128, 1024, 56)
+    assert (
+        log.loglevel_NONE,
+        log.loglevel_ERROR,
+        log.loglevel_WARN,
+        log.loglevel_NOTICE,
+        log.loglevel_INFO,
+        log.loglevel_DEBUG,
+        log.loglevel_DEBUG_SFTPXFER,
+        log.loglevel_DEFAULT,
+    ) == (0, 8, 16, 32, 64, 128, 1024, 56)
 
 
 def test_original_positional_signatures():
     empty = inspect.Parameter.empty
     assert params(sftpserver.X2GoRevFwTunnelToSFTP.__init__) == [
-        ("self", empty), ("server_port", empty), ("ssh_transport", empty), ("auth_key", None),
-        ("session_instance", None), ("logger", None), ("loglevel", 56)]
+        ("self", empty),
+        ("server_port", empty),
+        ("ssh_transport", empty),
+        ("auth_key", None),
+        ("session_instance", None),
+        ("logger", None),
+        ("loglevel", 56),
+    ]
     assert params(sftpserver.x2go_rev_forward_sftpchannel_handler) == [
-        ("chan", None), ("auth_key", None), ("logger", None)]
+        ("chan", None),
+        ("auth_key", None),
+        ("logger", None),
+    ]
     assert params(sftpserver.X2GoRevFwSFTPChannelThread.__init__) == [
-        ("self", empty), ("channel", empty), ("remote", None)]
+        ("self", empty),
+        ("channel", empty),
+        ("remote", None),
+    ]
     assert params(rforward.X2GoRevFwTunnel.__init__) == [
-        ("self", empty), ("server_port", empty), ("remote_host", empty), ("remote_port", empty),
-        ("ssh_transport", empty), ("session_instance", None), ("logger", None), ("loglevel", 56)]
+        ("self", empty),
+        ("server_port", empty),
+        ("remote_host", empty),
+        ("remote_port", empty),
+        ("ssh_transport", empty),
+        ("session_instance", None),
+        ("logger", None),
+        ("loglevel", 56),
+    ]
     assert params(rforward.x2go_transport_tcp_handler) == [
-        ("chan", empty), ("origin", empty), ("server", empty)]
+        ("chan", empty),
+        ("origin", empty),
+        ("server", empty),
+    ]
     assert params(rforward.x2go_rev_forward_channel_handler) == [
-        ("chan", None), ("addr", ""), ("port", 0), ("parent_thread", None), ("logger", None)]
-    kwonly = {p.name for p in inspect.signature(sftpserver.X2GoRevFwTunnelToSFTP.__init__).parameters.values()
-              if p.kind == p.KEYWORD_ONLY}
+        ("chan", None),
+        ("addr", ""),
+        ("port", 0),
+        ("parent_thread", None),
+        ("logger", None),
+    ]
+    kwonly = {
+        p.name
+        for p in inspect.signature(sftpserver.X2GoRevFwTunnelToSFTP.__init__).parameters.values()
+        if p.kind == p.KEYWORD_ONLY
+    }
     assert {"exports", "host_key", "username"} <= kwonly
 
 
@@ -52,8 +92,17 @@ def test_public_names_and_thread_api():
     assert issubclass(x2go_sftp.X2GoRevFwTunnelToSFTP, threading.Thread)
     assert issubclass(x2go_sftp.X2GoRevFwTunnelToSFTP, x2go_sftp.X2GoRevFwTunnel)
     assert issubclass(x2go_sftp.X2GoRevFwSFTPChannelThread, x2go_sftp.X2GoRevFwChannelThread)
-    for name in ("start", "run", "notify", "pause", "resume", "stop_thread", "cancel_port_forward",
-                 "add_export", "remove_export"):
+    for name in (
+        "start",
+        "run",
+        "notify",
+        "pause",
+        "resume",
+        "stop_thread",
+        "cancel_port_forward",
+        "add_export",
+        "remove_export",
+    ):
         assert callable(getattr(x2go_sftp.X2GoRevFwTunnelToSFTP, name))
     tunnel = x2go_sftp.X2GoRevFwTunnelToSFTP(30001, None)
     assert tunnel.ready is False and tunnel.open_channels == {} and tunnel.daemon
@@ -65,7 +114,8 @@ def test_x2go_logger_mask_and_stdlib(caplog: pytest.LogCaptureFixture):
         logger("shown", loglevel=log.loglevel_WARN)
         logger("hidden", loglevel=log.loglevel_DEBUG)
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
-        ("x2go_sftp.unit", logging.WARNING, "shown")]
+        ("x2go_sftp.unit", logging.WARNING, "shown")
+    ]
     logger.set_loglevel("debug")
     assert logger.get_loglevel() & log.loglevel_DEBUG
     logger.enable_debug_sftpxfer()

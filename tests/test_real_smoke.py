@@ -8,8 +8,7 @@ import os
 from tests.realpeers import run_sftp, write_key_files
 
 
-def test_sshfs_mount_through_real_sshd(real_sshd, session_key, host_key, tmp_path, export_dir,
-                                       sshfs_mount):
+def test_sshfs_mount_through_real_sshd(real_sshd, session_key, host_key, tmp_path, export_dir, sshfs_mount):
     from x2go_sftp import X2GoRevFwTunnelToSFTP
 
     outer = real_sshd.connect()
@@ -49,10 +48,28 @@ def test_openssh_client_receives_server_sig_algs(real_sshd, session_key, host_ke
         assert tunnel.wait_ready(30)
         keyfile, ident = write_key_files(tmp_path, session_key, host_key, tunnel.server_port)
         res = subprocess.run(
-            ["sftp", "-vvv", "-b", "-", "-P", str(tunnel.server_port), "-i", str(keyfile),
-             "-o", f"UserKnownHostsFile={ident}", "-o", "StrictHostKeyChecking=yes",
-             "-o", "BatchMode=yes", f"{current_local_user()}@127.0.0.1"],
-            input="pwd\n", capture_output=True, text=True, timeout=60)
+            [
+                "sftp",
+                "-vvv",
+                "-b",
+                "-",
+                "-P",
+                str(tunnel.server_port),
+                "-i",
+                str(keyfile),
+                "-o",
+                f"UserKnownHostsFile={ident}",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "BatchMode=yes",
+                f"{current_local_user()}@127.0.0.1",
+            ],
+            input="pwd\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         sig_algs = [line for line in res.stderr.splitlines() if "server-sig-algs" in line]
         assert sig_algs and "rsa-sha2-256" in sig_algs[0], res.stderr[-2000:]

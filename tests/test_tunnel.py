@@ -64,8 +64,10 @@ def test_errors_are_statuses_and_the_session_survives(sftp: paramiko.SFTPClient,
     assert sftp.listdir(export_dir) == ["hello.txt"]  # still serving
 
 
-@pytest.mark.parametrize("path", ["/etc", "/", "/etc/passwd", "{e}/../../etc/passwd", "{e}/../",
-                                  "//etc/passwd", "../../../../etc/passwd"])
+@pytest.mark.parametrize(
+    "path",
+    ["/etc", "/", "/etc/passwd", "{e}/../../etc/passwd", "{e}/../", "//etc/passwd", "../../../../etc/passwd"],
+)
 def test_outside_paths_are_refused(sftp: paramiko.SFTPClient, export_dir: str, path: str):
     with pytest.raises(PermissionError):
         sftp.stat(path.format(e=export_dir))
@@ -74,8 +76,12 @@ def test_outside_paths_are_refused(sftp: paramiko.SFTPClient, export_dir: str, p
 def test_nothing_exported_refuses_everything(make_tunnel, connect, caplog: pytest.LogCaptureFixture):
     client = connect(make_tunnel([]))
     with caplog.at_level(logging.WARNING, logger="x2go_sftp"):
-        for call in (lambda: client.listdir("/"), lambda: client.stat("/tmp"),
-                     lambda: client.open(f"/tmp/x2go-sftp-{os.getpid()}-must-not-exist", "wb"), lambda: client.listdir(".")):
+        for call in (
+            lambda: client.listdir("/"),
+            lambda: client.stat("/tmp"),
+            lambda: client.open(f"/tmp/x2go-sftp-{os.getpid()}-must-not-exist", "wb"),
+            lambda: client.listdir("."),
+        ):
             with pytest.raises(PermissionError):
                 call()
     assert not os.path.exists(f"/tmp/x2go-sftp-{os.getpid()}-must-not-exist")
@@ -100,8 +106,7 @@ def test_exports_added_and_removed_while_running(make_tunnel, connect, tmp_path)
         client.listdir(str(b))
 
 
-def test_pause_closes_sessions_refuses_new_and_resume_serves(make_tunnel, connect, x2go_server,
-                                                            export_dir):
+def test_pause_closes_sessions_refuses_new_and_resume_serves(make_tunnel, connect, x2go_server, export_dir):
     tunnel = make_tunnel([export_dir])
     port = tunnel.server_port
     client = connect(tunnel)
@@ -123,8 +128,9 @@ def test_pause_closes_sessions_refuses_new_and_resume_serves(make_tunnel, connec
     assert connect(tunnel).listdir(export_dir) == ["hello.txt"]
 
 
-def test_stop_thread_leaves_no_thread_or_fd(no_leaks, x2go_server, session_key, host_key, export_dir,
-                                           local_user):
+def test_stop_thread_leaves_no_thread_or_fd(
+    no_leaks, x2go_server, session_key, host_key, export_dir, local_user
+):
     outer = x2go_server.connect()
     tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=session_key, exports=[export_dir], host_key=host_key)
     tunnel.start()
@@ -161,8 +167,9 @@ def _transport_to(tunnel: X2GoRevFwTunnelToSFTP) -> paramiko.Transport:
     return transport
 
 
-def test_auth_accepts_only_the_session_key_for_the_local_user(make_tunnel, export_dir, session_key,
-                                                              other_key, local_user):
+def test_auth_accepts_only_the_session_key_for_the_local_user(
+    make_tunnel, export_dir, session_key, other_key, local_user
+):
     tunnel = make_tunnel([export_dir])
     for user, key in ((local_user, other_key), ("someoneelse", session_key)):
         transport = _transport_to(tunnel)
@@ -184,8 +191,10 @@ def test_auth_accepts_only_the_session_key_for_the_local_user(make_tunnel, expor
 def test_rsa_sha2_signatures(make_tunnel, export_dir, session_key, local_user, sig):
     tunnel = make_tunnel([export_dir])
     others = {"ssh-rsa", "rsa-sha2-256", "rsa-sha2-512"} - {sig}
-    transport = paramiko.Transport(socket.create_connection(("127.0.0.1", tunnel.server_port)),
-                                   disabled_algorithms={"pubkeys": sorted(others)})
+    transport = paramiko.Transport(
+        socket.create_connection(("127.0.0.1", tunnel.server_port)),
+        disabled_algorithms={"pubkeys": sorted(others)},
+    )
     try:
         transport.start_client()
         transport.auth_publickey(local_user, session_key)
@@ -240,8 +249,7 @@ class EchoServer:
         self.thread.join(5)
 
 
-def test_two_tunnels_on_one_transport_get_only_their_own_channels(make_tunnel, outer, connect,
-                                                                  export_dir):
+def test_two_tunnels_on_one_transport_get_only_their_own_channels(make_tunnel, outer, connect, export_dir):
     echo = EchoServer()
     snd = X2GoRevFwTunnel(0, "127.0.0.1", echo.port, outer)
     snd.start()
@@ -249,8 +257,9 @@ def test_two_tunnels_on_one_transport_get_only_their_own_channels(make_tunnel, o
         assert snd.wait_ready(30)
         sshfs = make_tunnel([export_dir])
         # python-x2go's registry shape; routing must also work through it.
-        outer.reverse_tunnels = {"session-1": {"sshfs": (sshfs.server_port, sshfs),
-                                               "snd": (snd.server_port, snd)}}
+        outer.reverse_tunnels = {
+            "session-1": {"sshfs": (sshfs.server_port, sshfs), "snd": (snd.server_port, snd)}
+        }
         clients, socks = [], []
         for _ in range(4):  # interleave connections to both ports
             s = socket.create_connection(("127.0.0.1", snd.server_port))
@@ -270,8 +279,9 @@ def test_two_tunnels_on_one_transport_get_only_their_own_channels(make_tunnel, o
     assert not snd.is_alive()
 
 
-def test_channel_for_an_unregistered_port_is_closed(make_tunnel, x2go_server, outer, export_dir,
-                                                   caplog: pytest.LogCaptureFixture):
+def test_channel_for_an_unregistered_port_is_closed(
+    make_tunnel, x2go_server, outer, export_dir, caplog: pytest.LogCaptureFixture
+):
     make_tunnel([export_dir])  # installs our handler on the transport
     server_side = x2go_server.transports[-1]
     with caplog.at_level(logging.WARNING, logger="x2go_sftp"):
@@ -308,8 +318,9 @@ def test_denied_forward_retries_once_then_calls_the_session_hook(make_tunnel, x2
     assert x2go_server.cancel_requests == [("127.0.0.1", 31337)]  # the one retry cleans up first
 
 
-def test_denied_forward_without_session_logs_a_warning(make_tunnel, x2go_server, export_dir,
-                                                      caplog: pytest.LogCaptureFixture):
+def test_denied_forward_without_session_logs_a_warning(
+    make_tunnel, x2go_server, export_dir, caplog: pytest.LogCaptureFixture
+):
     x2go_server.refuse_forwards = True
     with caplog.at_level(logging.WARNING, logger="x2go_sftp"):
         make_tunnel([export_dir], server_port=31338)
@@ -320,15 +331,16 @@ def test_open_channels_are_tracked_and_forgotten(make_tunnel, export_dir, sessio
     tunnel = make_tunnel([export_dir], loglevel=log.loglevel_DEFAULT)
     transport, client = sftp_client(tunnel.server_port, session_key, local_user)
     client.listdir(export_dir)
-    (key, thread), = tunnel.open_channels.items()
+    ((key, thread),) = tunnel.open_channels.items()
     assert key.startswith("[127.0.0.1]:")
     transport.close()
     thread.join(10)
     assert not thread.is_alive() and tunnel.open_channels == {}
 
 
-def test_subclass_written_for_the_original_keeps_working(outer, session_key, host_key, export_dir,
-                                                        local_user):
+def test_subclass_written_for_the_original_keeps_working(
+    outer, session_key, host_key, export_dir, local_user
+):
     notified = []
 
     class Custom(X2GoRevFwTunnelToSFTP):
@@ -336,8 +348,9 @@ def test_subclass_written_for_the_original_keeps_working(outer, session_key, hos
             notified.append(chan is not None)
             super().notify(chan)
 
-    tunnel = Custom(0, outer, session_key, None, None, log.loglevel_DEFAULT, exports=[export_dir],
-                    host_key=host_key)
+    tunnel = Custom(
+        0, outer, session_key, None, None, log.loglevel_DEFAULT, exports=[export_dir], host_key=host_key
+    )
     tunnel.start()
     try:
         assert tunnel.wait_ready(30)
@@ -357,8 +370,11 @@ def test_handler_called_positionally_like_the_original(x2go_server, outer, sessi
     threads = []
 
     def handler(chan, origin, server):
-        t = threading.Thread(target=x2go_rev_forward_sftpchannel_handler,
-                             args=(chan, session_key, log.X2GoLogger()), daemon=True)
+        t = threading.Thread(
+            target=x2go_rev_forward_sftpchannel_handler,
+            args=(chan, session_key, log.X2GoLogger()),
+            daemon=True,
+        )
         threads.append(t)
         t.start()
 

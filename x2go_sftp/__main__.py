@@ -43,8 +43,10 @@ def demo(size: int) -> int:
             tunnel.start()
             tunnel.wait_ready(30)
             _say(f"x2go-sftp {__version__}: exporting {folder}")
-            _say(f"reverse forward granted on 127.0.0.1:{tunnel.server_port} "
-                 f"(set up in {time.monotonic() - t0:.2f} s)")
+            _say(
+                f"reverse forward granted on 127.0.0.1:{tunnel.server_port} "
+                f"(set up in {time.monotonic() - t0:.2f} s)"
+            )
             try:
                 transport, sftp = sftp_client(tunnel.server_port, session_key, current_local_user())
                 with transport, sftp:
@@ -74,7 +76,9 @@ def demo(size: int) -> int:
                         escaped = True
                     except PermissionError:
                         escaped = False
-                    _say(f"\n$ ls /etc  -> {'LISTED (jail broken!)' if escaped else 'Permission denied (outside the export)'}")
+                    _say(
+                        f"\n$ ls /etc  -> {'LISTED (jail broken!)' if escaped else 'Permission denied (outside the export)'}"
+                    )
                     ok = digest == back_digest == on_disk and not escaped
             finally:
                 tunnel.stop_thread()
@@ -85,8 +89,9 @@ def demo(size: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m x2go_sftp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m x2go_sftp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="share a temporary folder through an in-process X2Go server")
     p_demo.add_argument("--size", type=int, default=4 * 1024 * 1024, help="bytes to write and read back")

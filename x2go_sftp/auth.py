@@ -53,9 +53,7 @@ class SessionKeyAuth(paramiko.ServerInterface):
                 loglevel=log.loglevel_INFO,
             )
             return paramiko.AUTH_SUCCESSFUL
-        self.logger(
-            f"publickey auth ({key.get_name()}) for {username!r} refused", loglevel=log.loglevel_WARN
-        )
+        self.logger(f"publickey auth ({key.get_name()}) for {username!r} refused", loglevel=log.loglevel_WARN)
         return paramiko.AUTH_FAILED
 
     def check_channel_request(self, kind: str, chanid: int) -> int:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import IO, Any, Callable, Protocol
+from collections.abc import Callable
+from typing import IO, Any, Protocol
 
 loglevel_NONE = 0
 loglevel_ERROR = 8
@@ -133,9 +134,7 @@ class X2GoLogger:
         self.loglevel = loglevel_ERROR | loglevel_WARN | loglevel_NOTICE | loglevel_INFO
 
     def set_loglevel_debug(self) -> None:
-        self.loglevel = (
-            loglevel_ERROR | loglevel_WARN | loglevel_NOTICE | loglevel_INFO | loglevel_DEBUG
-        )
+        self.loglevel = loglevel_ERROR | loglevel_WARN | loglevel_NOTICE | loglevel_INFO | loglevel_DEBUG
 
     def enable_debug_sftpxfer(self) -> None:
         self.loglevel |= loglevel_DEBUG_SFTPXFER

@@ -68,7 +68,9 @@ def find_tunnel(transport: Any, server_port: int) -> Any:
     return None
 
 
-def x2go_transport_tcp_handler(chan: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]) -> None:
+def x2go_transport_tcp_handler(
+    chan: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]
+) -> None:
     """paramiko ``tcpip-forward`` handler: give ``chan`` to the tunnel of its server port.
 
     A channel for a port nobody registered is closed and logged.  Tunnels of
@@ -184,8 +186,10 @@ class X2GoRevFwTunnel(threading.Thread):
                     self.server_port = self._requested_port
                     registry[int(self.server_port)] = self
                 self._forwarded = True
-                self.logger(f"reverse forward [{FORWARD_ADDRESS}]:{self.server_port} granted",
-                            loglevel=log.loglevel_DEBUG)
+                self.logger(
+                    f"reverse forward [{FORWARD_ADDRESS}]:{self.server_port} granted",
+                    loglevel=log.loglevel_DEBUG,
+                )
                 return True
             except paramiko.SSHException as e:
                 if attempt == 1:
@@ -334,7 +338,8 @@ class X2GoRevFwTunnel(threading.Thread):
         self._track(thread, chan)
 
     def _track(self, thread: X2GoRevFwChannelThread, chan: paramiko.Channel) -> None:
-        key = "[%s]:%s" % tuple(chan.origin_addr) if chan.origin_addr else f"chan-{chan.get_id()}"
+        origin = chan.origin_addr
+        key = f"[{origin[0]}]:{origin[1]}" if origin else f"chan-{chan.get_id()}"
 
         def forget(t: X2GoRevFwChannelThread) -> None:
             if self.open_channels.get(key) is t:

@@ -100,7 +100,9 @@ class _ServerPolicy(paramiko.ServerInterface):
         return paramiko.AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        return (
+            paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        )
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         # Stands for python-x2go's x2go* commands: accept, answer nothing, exit 0.
@@ -214,8 +216,9 @@ class LoopbackX2GoServer:
         self.close()
 
 
-def sftp_client(port: int, key: paramiko.PKey, username: str,
-                host: str = "127.0.0.1") -> tuple[paramiko.Transport, paramiko.SFTPClient]:
+def sftp_client(
+    port: int, key: paramiko.PKey, username: str, host: str = "127.0.0.1"
+) -> tuple[paramiko.Transport, paramiko.SFTPClient]:
     """Log into a tunnel's forwarded port with ``key`` and open an SFTP session."""
     sock = socket.create_connection((host, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as OpenSSH's client does
