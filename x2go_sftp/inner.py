@@ -7,11 +7,12 @@ transport, and we run a complete SSH server over it.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import paramiko
 
-from . import log
+from . import log, tuning
 from .auth import SessionKeyAuth
 from .defaults import current_local_user, default_host_key
 from .engine import SFTPEngine
@@ -22,6 +23,19 @@ from .exports import Exports
 # a channel (sshfs normally needs well under a second on loopback).
 HANDSHAKE_TIMEOUT = 30.0
 AUTH_TIMEOUT = 30.0
+
+# Re-check interval while waiting for the authenticated session channel.
+ACCEPT_RECHECK = 0.25
+
+
+class TunedSFTPEngine(SFTPEngine):
+    """The SFTP engine on a session channel whose incoming buffer is a :class:`tuning.ChunkPipe`."""
+
+    def __init__(self, channel: paramiko.Channel, *args: Any, **kwargs: Any):
+        # paramiko builds subsystem handlers in the transport's own thread,
+        # before it confirms the subsystem: the one safe moment to swap the pipe.
+        tuning.use_chunk_pipe(channel)
+        super().__init__(channel, *args, **kwargs)
 
 
 class InnerTransport(paramiko.Transport):
@@ -41,6 +55,24 @@ class InnerTransport(paramiko.Transport):
             kex.append(info[0])
             parsed["kex_algo_list"] = kex
         return parsed
+
+
+def _accept_session(transport: paramiko.Transport, timeout: float) -> paramiko.Channel | None:
+    """``Transport.accept`` that also returns soon after the transport dies.
+
+    paramiko's accept() waits out its whole timeout when the transport dies
+    without notifying (it skips the notify when close() came from another
+    thread, e.g. our pause()), so wait in short slices and re-check ``active``.
+    """
+    deadline = time.monotonic() + timeout
+    with transport.lock:
+        while True:
+            if transport.server_accepts:
+                return transport.server_accepts.pop(0)
+            remaining = deadline - time.monotonic()
+            if not transport.active or remaining <= 0:
+                return None
+            transport.server_accept_cv.wait(min(remaining, ACCEPT_RECHECK))
 
 
 def serve_channel(
@@ -66,14 +98,15 @@ def serve_channel(
             owner can close it (pause/stop).
     """
     logger = log.tagged(logger, "inner")
-    transport = InnerTransport(chan)
+    transport = InnerTransport(chan, **tuning.inner_transport_kwargs())
     transport.daemon = True
+    tuning.prefer_fast_ciphers(transport)
     try:
         if on_transport is not None:
             on_transport(transport)
         transport.add_server_key(host_key if host_key is not None else default_host_key())
         transport.set_subsystem_handler(
-            "sftp", SFTPEngine, sftp_si=JailedSFTPServer, exports=exports, logger=logger.wrapped
+            "sftp", TunedSFTPEngine, sftp_si=JailedSFTPServer, exports=exports, logger=logger.wrapped
         )
         server = SessionKeyAuth(auth_key, username or current_local_user(), logger=logger.wrapped)
         transport.banner_timeout = HANDSHAKE_TIMEOUT
@@ -86,7 +119,7 @@ def serve_channel(
         # The client must log in and open its session channel in time; a peer
         # that connects and idles is dropped instead of holding a thread.
         # Keep the reference: paramiko closes a Channel when it is garbage collected.
-        session = transport.accept(AUTH_TIMEOUT)
+        session = _accept_session(transport, AUTH_TIMEOUT)
         if session is None:
             logger(f"no authenticated session on {chan} within {AUTH_TIMEOUT}s", loglevel=log.loglevel_INFO)
             return

@@ -1,0 +1,114 @@
+"""One X2Go client process for the benchmark: python-x2go's outer connection plus a tunnel.
+
+Run as ``python -m tests.bench.worker MODE SSHD_PORT KEYDIR [--disable a,b]``.
+MODE is ``gevent`` (this library, gevent-patched as python-x2go runs),
+``threads`` (this library, plain threads) or ``legacy`` (the 2014 design,
+gevent-patched).  The worker logs into the X2Go-server sshd with paramiko,
+runs a long command on the connection (python-x2go always has one), starts
+the tunnel and prints one JSON line ``{"port": N}``.  It exits when its
+standard input closes.  ``--disable`` switches single optimisations off to
+measure what each buys (nodelay, gcm, pipe, window).
+"""
+
+from __future__ import annotations
+
+import sys
+
+MODE = sys.argv[1] if len(sys.argv) > 1 else "gevent"
+if MODE in ("gevent", "legacy"):
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import select  # noqa: E402
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import paramiko  # noqa: E402
+
+# Keeps python-x2go's "a command is running on the connection" state for the whole run.
+REMOTE_COMMAND = "sleep 100000"
+
+
+def outer_connection(port: int, client_key: paramiko.PKey, user: str) -> tuple[paramiko.Transport, paramiko.Channel]:
+    """python-x2go's connection: a paramiko client Transport, key auth, one command running."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    transport = paramiko.Transport(sock)
+    transport.start_client()
+    transport.auth_publickey(user, client_key)
+    chan = transport.open_session()
+    chan.exec_command(REMOTE_COMMAND)
+    return transport, chan
+
+
+def wait_for_eof() -> None:
+    """Block until stdin closes; via select so gevent's hub keeps serving meanwhile."""
+    while True:
+        select.select([0], [], [])
+        if not os.read(0, 4096):
+            return
+
+
+def disable(names: list[str]) -> None:
+    """Switch single optimisations off (benchmark ablation only)."""
+    from x2go_sftp import tuning
+
+    for name in names:
+        if name == "gcm":
+            tuning.PREFERRED_CIPHERS = ()
+        elif name == "pipe":
+            tuning.USE_CHUNK_PIPE = False
+        elif name == "window":
+            tuning.INNER_WINDOW_SIZE = paramiko.common.DEFAULT_WINDOW_SIZE
+            tuning.INNER_MAX_PACKET_SIZE = paramiko.common.DEFAULT_MAX_PACKET_SIZE
+        elif name != "nodelay" and name:
+            raise SystemExit(f"unknown optimisation {name!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("gevent", "threads", "legacy"))
+    parser.add_argument("sshd_port", type=int)
+    parser.add_argument("keydir", type=Path)
+    parser.add_argument("--disable", default="")
+    parser.add_argument("--user", default="root")
+    args = parser.parse_args()
+    off = [n for n in args.disable.split(",") if n]
+
+    client_key = paramiko.RSAKey.from_private_key_file(str(args.keydir / "outer_client"))
+    session_key = paramiko.RSAKey.from_private_key_file(str(args.keydir / "session"))
+    host_key = paramiko.RSAKey.from_private_key_file(str(args.keydir / "inner_host"))
+    transport, command = outer_connection(args.sshd_port, client_key, args.user)
+
+    if args.mode == "legacy":
+        from tests.bench.legacy import LegacyTunnel
+
+        tunnel = LegacyTunnel(transport, session_key, host_key, args.user)
+        tunnel.start()
+        tunnel.ready.wait(30)
+        port = tunnel.server_port
+        stop = tunnel.stop
+    else:
+        disable(off)
+        from x2go_sftp import X2GoRevFwTunnelToSFTP
+
+        export = os.environ.get("BENCH_EXPORT", "/")
+        kwargs = {"tcp_nodelay": False} if "nodelay" in off else {}
+        tunnel = X2GoRevFwTunnelToSFTP(0, transport, auth_key=session_key, exports=[export],
+                                       host_key=host_key, username=args.user, **kwargs)
+        tunnel.start()
+        tunnel.wait_ready(30)
+        port = tunnel.server_port
+        stop = tunnel.stop_thread
+    print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
+    wait_for_eof()
+    stop()
+    command.close()
+    transport.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Speed settings for what this library owns: the outer socket option, the inner transport, channel buffers.
+
+Each setting here was measured with ``python -m tests.bench.bench_mount``
+(see docs/performance.md for the figures).  None of them changes what goes
+over the wire semantically; all of them work on paramiko 2.12 .. 5.x, and each
+falls back to paramiko's behaviour where a release lacks what it needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import threading
+import time
+from typing import Any
+
+import paramiko
+from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
+
+from . import log
+
+# Ciphers the inner server offers, best first.  OpenSSH's client picks by *its*
+# order (chacha20-poly1305, aes*-ctr, then aes*-gcm), so to get GCM we must offer
+# only GCM: it costs about a seventh of aes128-ctr + hmac-sha2-256 per byte
+# (one AES-NI pass with GHASH instead of AES plus a separate SHA-256 pass).
+# Every OpenSSH since 6.2 (2013) has it.  paramiko < 3.3 has no GCM: there we
+# leave paramiko's default list alone.
+PREFERRED_CIPHERS: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+# Receive window of the inner transport's channels.  sshfs keeps many WRITEs in
+# flight; a window of 8 MiB lets it run ahead while the engine writes to disk
+# (paramiko's default is 2 MiB).  Memory is bounded by it per session.
+INNER_WINDOW_SIZE = 8 * 1024 * 1024
+
+# Largest packet we accept on inner channels.  OpenSSH's client sends session
+# data in packets up to what we advertise (its own default is 32 KiB); 256 KiB
+# would halve per-packet overhead on writes, but each inner packet then crosses
+# the outer channel (32 KiB packets from sshd) in more pieces.  Measured: no
+# gain, so we keep paramiko's 32 KiB.
+INNER_MAX_PACKET_SIZE = paramiko.common.DEFAULT_MAX_PACKET_SIZE
+
+# Replace paramiko's BufferedPipe on the channels we own with ChunkPipe.
+USE_CHUNK_PIPE = True
+
+
+def set_tcp_nodelay(transport: Any, logger: log.LoggerLike | None = None) -> bool:
+    """Set TCP_NODELAY on the socket under a paramiko ``Transport``.
+
+    paramiko never sets it.  Without it, the small tail packet that follows
+    every full 32 KiB SSH packet waits for the peer's delayed ACK (40 ms on
+    Linux), which is what made one 32 KiB SFTP read take ~40 ms.  Only the
+    latency of small packets changes; nothing else on the connection does.
+
+    Args:
+        transport: the caller's transport (anything with a ``sock`` attribute).
+        logger: an X2Go-style logger.
+
+    Returns:
+        True if the option is now set; False when the transport does not run
+        over a TCP socket (a ProxyCommand, a Unix socket, a test double).
+    """
+    sock = getattr(transport, "sock", None)
+    if not isinstance(sock, socket.socket) or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as e:
+        log.tagged(logger, "tuning")(f"could not set TCP_NODELAY: {e}", loglevel=log.loglevel_DEBUG)
+        return False
+    return True
+
+
+def inner_transport_kwargs() -> dict[str, int]:
+    """Keyword arguments for the inner ``paramiko.Transport`` constructor (window, packet size)."""
+    return {"default_window_size": INNER_WINDOW_SIZE, "default_max_packet_size": INNER_MAX_PACKET_SIZE}
+
+
+def prefer_fast_ciphers(transport: paramiko.Transport) -> tuple[str, ...]:
+    """Offer only :data:`PREFERRED_CIPHERS` on ``transport`` where this paramiko has them.
+
+    Returns:
+        the cipher list now offered (paramiko's default when it lacks them all).
+    """
+    options = transport.get_security_options()
+    supported = getattr(transport, "_cipher_info", {})
+    wanted = tuple(c for c in PREFERRED_CIPHERS if c in supported)
+    if wanted:
+        options.ciphers = wanted
+    return tuple(options.ciphers)
+
+
+class ChunkPipe(BufferedPipe):
+    """A ``BufferedPipe`` that keeps fed data as a queue of chunks.
+
+    paramiko's pipe appends to one ``array`` and deletes from its front on
+    every read, moving everything still buffered (up to the whole channel
+    window) each time; under sshfs writes that was the largest single cost.
+    Here a read takes whole chunks where it can (no copy) and slices only the
+    chunk it ends in.  Same interface and semantics as ``BufferedPipe``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._offset = 0  # bytes of _chunks[0] already read
+
+    def set_event(self, event: Any) -> None:
+        with self._lock:
+            self._event = event
+            # As BufferedPipe: start "set" when data or EOF is already there.
+            if self._closed or self._size > 0:
+                event.set()
+            else:
+                event.clear()
+
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            if self._event is not None:
+                self._event.set()
+            if data:
+                self._chunks.append(bytes(data))
+                self._size += len(data)
+            self._cv.notify_all()
+
+    def read_ready(self) -> bool:
+        with self._lock:
+            return self._size > 0
+
+    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
+        with self._lock:
+            if self._size == 0:
+                if self._closed:
+                    return b""
+                if timeout == 0.0:
+                    raise PipeTimeout()
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while self._size == 0 and not self._closed:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise PipeTimeout()
+                    self._cv.wait(remaining)
+                if self._size == 0:
+                    return b""
+            out = self._take(nbytes)
+            if self._size == 0 and self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
+    def _take(self, nbytes: int) -> bytes:
+        """Remove and return up to ``nbytes`` from the front (lock held, data present)."""
+        chunks = self._chunks
+        first = chunks[0]
+        avail = len(first) - self._offset
+        if nbytes >= avail and (len(chunks) == 1 or nbytes == avail):
+            # The common cases: the rest of one chunk, often a whole one (no copy).
+            chunks.popleft()
+            out = first if self._offset == 0 else first[self._offset:]
+            self._offset = 0
+            self._size -= avail
+            return out
+        if nbytes < avail:
+            out = first[self._offset:self._offset + nbytes]
+            self._offset += nbytes
+            self._size -= nbytes
+            return out
+        parts = []
+        want = nbytes
+        while want > 0 and chunks:
+            first = chunks[0]
+            avail = len(first) - self._offset
+            if avail <= want:
+                parts.append(first[self._offset:] if self._offset else first)
+                chunks.popleft()
+                self._offset = 0
+                want -= avail
+            else:
+                parts.append(first[self._offset:self._offset + want])
+                self._offset += want
+                want = 0
+        out = b"".join(parts)
+        self._size -= len(out)
+        return out
+
+    def empty(self) -> bytes:
+        with self._lock:
+            out = self._take(self._size) if self._size else b""
+            if self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._cv.notify_all()
+            if self._event is not None:
+                self._event.set()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._size
+
+
+def use_chunk_pipe(chan: paramiko.Channel) -> bool:
+    """Give ``chan`` a :class:`ChunkPipe` for its incoming data, keeping anything already buffered.
+
+    Only safe from the thread of the channel's transport (the only thread that
+    feeds the pipe), e.g. in a ``tcpip-forward`` handler or a subsystem
+    handler's constructor; anywhere else nothing is changed.
+
+    Returns:
+        True if the pipe was replaced.
+    """
+    transport = chan.get_transport()
+    if not USE_CHUNK_PIPE or transport is None or threading.current_thread() is not transport:
+        return False
+    old = chan.in_buffer
+    if type(old) is not BufferedPipe:
+        return False  # already ours, or someone else's subclass: leave it
+    new = ChunkPipe()
+    pending = old.empty()
+    if pending:
+        new.feed(pending)
+    if old._closed:
+        new.close()
+    if old._event is not None:
+        new.set_event(old._event)
+    chan.in_buffer = new
+    return True
