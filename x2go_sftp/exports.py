@@ -31,6 +31,20 @@ UNCPATH_PREFIX = "/uncpath/"
 # Linux PATH_MAX; longer client paths are refused before any syscall.
 MAX_PATH_BYTES = 4096
 
+# Characters Win32 path parsing gives a meaning to inside a name: separators
+# ("\\" would let "a\\..\\.." climb), ":" (drive-relative names, NTFS
+# alternate data streams "file::$DATA"), wildcards and redirections.  A
+# component holding one is refused so the same jail rules hold on Windows.
+WINDOWS_FORBIDDEN_CHARS = frozenset('\\:*?"<>|') | frozenset(chr(c) for c in range(32))
+
+# DOS device names: on Windows "NUL", "con.txt" or "COM1.log" open a device,
+# in any directory, whatever the extension.
+WINDOWS_RESERVED_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"COM{i}" for i in range(1, 10)]
+    + [f"LPT{i}" for i in range(1, 10)]
+)
+
 
 def split_components(path: str) -> list[str]:
     """Split an absolute or relative SFTP path into components, lexically resolving . and ..
@@ -57,26 +71,72 @@ def normalize(path: str, home: str | None) -> str:
     return "/" + "/".join(split_components(path))
 
 
+def _windows_parts(parts: list[str], what: str) -> list[str]:
+    for p in parts:
+        if not windows_name_ok(p):
+            raise ValueError(f"{what}: {p!r} is not a plain Windows name")
+    return parts
+
+
 def windows_local_to_sftp(local: str) -> str:
-    """``C:\\Users\\x`` -> ``/windrive/c/Users/x``; ``\\\\srv\\share\\d`` -> ``/uncpath/srv/share/d``."""
-    drive, rest = ntpath.splitdrive(local)
-    parts = [p for p in rest.replace("\\", "/").split("/") if p]
-    if drive.startswith("\\\\") or drive.startswith("//"):
-        unc = [p for p in drive.replace("\\", "/").split("/") if p]
-        return UNCPATH_PREFIX + "/".join(unc + parts)
-    if len(drive) == 2 and drive[1] == ":" and drive[0].isalpha():
+    """``C:\\Users\\x`` -> ``/windrive/c/Users/x``; ``\\\\srv\\share\\d`` -> ``/uncpath/srv/share/d``.
+
+    Raises:
+        ValueError: for anything but an absolute drive or UNC path made of
+            plain names: drive-relative ``C:x``, ``\\\\?\\`` and ``\\\\.\\`` device
+            paths, ``..``, a UNC path without a share.
+    """
+    unified = local.replace("\\", "/")
+    if unified.startswith(("//?/", "//./")):
+        raise ValueError(f"Windows device namespace paths are not exported: {local!r}")
+    drive, rest = ntpath.splitdrive(unified)
+    # "C:" and "C:x" are relative to the drive's current directory.
+    absolute = rest.startswith("/") or (drive.startswith("//") and not rest)
+    if not drive or not absolute:
+        raise ValueError(f"not an absolute Windows path: {local!r}")
+    parts = _windows_parts([p for p in rest.split("/") if p], local)
+    if drive.startswith("//"):
+        unc = [p for p in drive.split("/") if p]
+        if len(unc) != 2:
+            raise ValueError(f"UNC path without a share: {local!r}")
+        return UNCPATH_PREFIX + "/".join(_windows_parts(unc, local) + parts)
+    if len(drive) == 2 and drive[1] == ":" and drive[0].isascii() and drive[0].isalpha():
         return WINDRIVE_PREFIX + "/".join([drive[0].lower()] + parts)
     raise ValueError(f"not an absolute Windows path: {local!r}")
 
 
 def sftp_to_windows_local(sftp_path: str) -> str:
-    """Inverse of :func:`windows_local_to_sftp`, on a normalised SFTP path."""
+    """Inverse of :func:`windows_local_to_sftp`, on a (lexically normalised) SFTP path.
+
+    Raises:
+        ValueError: if the path is not under ``/windrive/<letter>`` or
+            ``/uncpath/<server>/<share>``, or a component is not a plain
+            Windows name (so ``a\\..\\b`` can never be handed to Win32).
+    """
     parts = split_components(sftp_path)
-    if len(parts) >= 2 and parts[0] == "windrive" and len(parts[1]) == 1 and parts[1].isalpha():
-        return parts[1].upper() + ":\\" + "\\".join(parts[2:])
+    if len(parts) >= 2 and parts[0] == "windrive" and len(parts[1]) == 1 \
+            and parts[1].isascii() and parts[1].isalpha():
+        return parts[1].upper() + ":\\" + "\\".join(_windows_parts(parts[2:], sftp_path))
     if len(parts) >= 3 and parts[0] == "uncpath":
-        return "\\\\" + "\\".join(parts[1:])
+        return "\\\\" + "\\".join(_windows_parts(parts[1:], sftp_path))
     raise ValueError(f"not a /windrive or /uncpath name: {sftp_path!r}")
+
+
+def windows_name_ok(name: str) -> bool:
+    """Would Win32 treat the path component ``name`` as exactly that one name?
+
+    False for names Windows would reinterpret: holding separators, ``:`` or
+    wildcards, ending in a dot or space (Windows strips those, so ``"a."``
+    is ``"a"``), or naming a DOS device (``NUL``, ``con.txt``, ``COM1``).
+    """
+    if not name or name in (".", ".."):
+        return False
+    if any(c in WINDOWS_FORBIDDEN_CHARS for c in name):
+        return False
+    if name[-1] in ". ":
+        return False
+    stem = name.split(".", 1)[0].rstrip(" ").upper()
+    return stem not in WINDOWS_RESERVED_NAMES
 
 
 def local_to_sftp(local: str, client_os: str = X2GOCLIENT_OS) -> str:
@@ -98,6 +158,10 @@ class Export:
         self.read_only = read_only
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
         self._root_fd = os.open(local_path, flags | getattr(os, "O_PATH", 0))
+        st = os.fstat(self._root_fd)
+        # Identity of the root directory: how the jail recognises, on the
+        # descriptors of a walk, that it entered another export's root.
+        self.root_id = (st.st_dev, st.st_ino)
         self._lock = threading.Lock()
         self._users = 0
         self._active = True
@@ -223,4 +287,19 @@ class Exports:
                     best = export
         if best is None:
             raise PermissionError(errno.EACCES, "outside the exported folders")
-        return best, parts[len(best.components) :]
+        below = parts[len(best.components) :]
+        if self.client_os == "Windows" and not all(windows_name_ok(p) for p in below):
+            raise PermissionError(errno.EACCES, "name Windows would reinterpret")
+        return best, below
+
+    def roots(self) -> dict[tuple[int, int], bool]:
+        """Root identity ``(st_dev, st_ino)`` -> read-only, for every active export.
+
+        A directory exported twice (under two names) is read-only if either
+        export is: the stricter rule wins.
+        """
+        out: dict[tuple[int, int], bool] = {}
+        with self._lock:
+            for export in self._exports:
+                out[export.root_id] = out.get(export.root_id, False) or export.read_only
+        return out

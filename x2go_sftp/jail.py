@@ -16,15 +16,23 @@ This module's whole job is the walk.  Modelled on Go's ``os.Root`` and on
 The caller receives the directory descriptor that holds the final component
 and the component's name, and performs the final operation with the ``*at``
 system call and ``O_NOFOLLOW`` / ``AT_SYMLINK_NOFOLLOW``.
+
+Why not ``openat2(RESOLVE_BENEATH)``: it refuses every absolute symlink, and
+ours must follow absolute links that stay in the export (the SFTP namespace
+is the real local path), so the walk would be needed anyway; the walk never
+asks the kernel for ``..``, so ``RESOLVE_BENEATH`` adds no confinement; and
+the time it saves (tens of microseconds a request) is lost in the
+milliseconds of an SSH round trip.  docs/security.md has the figures.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat as stat_mod
 from types import TracebackType
 
-from .exports import Export, Exports, split_components
+from .exports import MAX_PATH_BYTES, Export, Exports, split_components
 
 # Linux SYMLOOP_MAX (40): the kernel's own limit on links followed in one lookup.
 MAX_SYMLINKS = 40
@@ -34,6 +42,10 @@ MAX_NAME_BYTES = 255
 
 _O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 _DIR_FLAGS = _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# The walk needs openat/readlinkat (and the backend the other *at calls).
+# Without them (Windows) every request is refused rather than served by path.
+HAVE_AT_CALLS = os.open in os.supports_dir_fd and os.readlink in os.supports_dir_fd
 
 
 def refused(why: str = "outside the exported folders") -> PermissionError:
@@ -55,12 +67,24 @@ class Resolved:
         self.root_fd = root_fd
         self._stack: list[tuple[str, int]] = []
         self.name: str | None = None
+        #: True when the place reached may not be modified: the walk's export
+        #: is read-only, or the walk entered a read-only export nested in it.
+        self.read_only = export.read_only
         self._closed = False
 
     @property
     def dir_fd(self) -> int:
         """Descriptor of the directory the final component lives in (or the directory itself)."""
         return self._stack[-1][1] if self._stack else self.root_fd
+
+    @property
+    def parent_fd(self) -> int:
+        """Descriptor of the directory above :attr:`dir_fd` (the root for the root).
+
+        For ``..`` entries: taken from the walk, so the kernel's ``..`` (which
+        would leave an export whose subdirectory was moved out) is never used.
+        """
+        return self._stack[-2][1] if len(self._stack) >= 2 else self.root_fd
 
     @property
     def components(self) -> list[str]:
@@ -131,15 +155,30 @@ class Jail:
             PermissionError: EACCES for anything outside the exports.
             OSError: ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG from the walk itself.
         """
+        if not HAVE_AT_CALLS:
+            raise refused("no *at system calls on this platform")
         export, parts = self.exports.find(self.exports.normalize(path))
         root_fd = export.acquire()
         res = Resolved(export, root_fd)
         try:
             self._walk(res, parts, follow_last)
+            res.read_only = self._read_only(res)
         except BaseException:
             res.close()
             raise
         return res
+
+    def _read_only(self, res: Resolved) -> bool:
+        """The innermost export the walk went through decides (identified by inode)."""
+        roots = self.exports.roots()
+        if len(roots) <= 1:
+            return res.export.read_only
+        for fd in [fd for _, fd in reversed(res._stack)] + [res.root_fd]:
+            st = os.fstat(fd)
+            ro = roots.get((st.st_dev, st.st_ino))
+            if ro is not None:
+                return ro
+        return res.export.read_only
 
     def _walk(self, res: Resolved, parts: list[str], follow_last: bool) -> None:
         pending = list(reversed(parts))  # a stack: pending[-1] is the next component
@@ -201,20 +240,84 @@ class Jail:
     def link_target_allowed(self, res: Resolved, target: str) -> bool:
         """Would a symlink placed at ``res`` with ``target`` stay inside the export?
 
-        Checked against the physical location of the link (lexically from there);
-        following a link is independently confined by :meth:`resolve`.
+        Both must hold: lexically from the link's physical directory (so a
+        dangling target cannot later come to life outside), and when the
+        target is walked now through the jail from that directory (so a
+        symlink already on its way, such as ``up -> ../..``, cannot carry it
+        out).  Following a link is independently confined by :meth:`resolve`.
         """
-        if not target or "\x00" in target:
+        if not target or "\x00" in target or len(os.fsencode(target)) > MAX_PATH_BYTES:
             return False
         if target.startswith("/"):
             n = len(res.export.components)
-            return tuple(split_components(target)[:n]) == res.export.components
-        depth = len(res.components) - 1  # directories between the root and the link
-        for part in target.split("/"):
-            if part == "..":
-                depth -= 1
-                if depth < 0:
-                    return False
-            elif part not in ("", "."):
-                depth += 1
+            tparts = split_components(target)
+            if tuple(tparts[:n]) != res.export.components:
+                return False
+            start: list[str] = []
+            walk = target.split("/")[1:]  # physical ".." handling, not the lexical one
+            walk = self._below_export(res.export, walk)
+            if walk is None:
+                return False
+        else:
+            depth = len(res.components) - 1  # directories between the root and the link
+            for part in target.split("/"):
+                if part == "..":
+                    depth -= 1
+                    if depth < 0:
+                        return False
+                elif part not in ("", "."):
+                    depth += 1
+            start = res.components[:-1]
+            walk = target.split("/")
+        probe = Resolved(res.export, res.export.acquire())
+        try:
+            self._walk(probe, start + walk, follow_last=True)
+        except PermissionError:
+            return False
+        except OSError:
+            pass  # missing or not a directory: the lexical check above decides
+        finally:
+            probe.close()
         return True
+
+    @staticmethod
+    def _below_export(export: Export, parts: list[str]) -> list[str] | None:
+        """Strip the export's own name from an absolute target split on "/", or None."""
+        rest = [p for p in parts]
+        for want in export.components:
+            while rest and rest[0] in ("", "."):
+                rest.pop(0)
+            if not rest or rest[0] != want:
+                return None
+            rest.pop(0)
+        return rest
+
+
+def chmod_nofollow(dir_fd: int, name: str, mode: int) -> None:
+    """chmod ``name`` in ``dir_fd``, never through a symlink.
+
+    Linux cannot change a symlink's own mode, and ``fchmodat(...,
+    AT_SYMLINK_NOFOLLOW)`` needs glibc 2.32; so the name is pinned with an
+    ``O_PATH | O_NOFOLLOW`` descriptor, a symlink is refused (EOPNOTSUPP, as
+    OpenSSH's lsetstat), and the inode the descriptor holds is changed
+    through its ``/proc/self/fd`` entry (glibc's own method), with no path
+    lookup a racing process could redirect.
+
+    Raises:
+        OSError: EOPNOTSUPP for a symlink, else what the kernel says.
+    """
+    fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if stat_mod.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        try:
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+            return
+        except FileNotFoundError:
+            pass  # no /proc mounted: let the C library try
+        try:
+            os.chmod(name, mode, dir_fd=dir_fd, follow_symlinks=False)
+        except (NotImplementedError, ValueError):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) from None
+    finally:
+        os.close(fd)
