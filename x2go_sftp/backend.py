@@ -26,7 +26,7 @@ from paramiko.sftp_attr import SFTPAttributes
 
 from . import log
 from .exports import Export, Exports
-from .jail import Jail, Resolved, refused
+from .jail import Jail, Resolved, chmod_nofollow, refused
 from .status import OK, Status, from_oserror
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -59,8 +59,10 @@ def _attributes(st: os.stat_result, filename: str | None = None) -> SFTPAttribut
     return attr
 
 
-def _check_writable(export: Export) -> None:
-    if export.read_only:
+def _check_writable(place: Export | Resolved | FileHandle) -> None:
+    # A Resolved knows whether its walk entered a read-only export nested in
+    # a writable one (jail.Jail._read_only); an Export only its own flag.
+    if place.read_only:
         raise PermissionError(errno.EACCES, "read-only export")
 
 
@@ -82,9 +84,9 @@ def _apply_attr_at(dir_fd: int, name: str, attr: SFTPAttributes) -> None:
             os.close(fd)
     if flags & attr.FLAG_PERMISSIONS:
         try:
-            os.chmod(name, attr.st_mode & 0o7777, dir_fd=dir_fd, follow_symlinks=False)
+            # Never through a symlink, and not only on glibc >= 2.32.
+            chmod_nofollow(dir_fd, name, attr.st_mode & 0o7777)
         except (NotImplementedError, ValueError):
-            # Linux cannot chmod a symlink itself (fchmodat AT_SYMLINK_NOFOLLOW).
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) from None
     if flags & attr.FLAG_AMTIME:
         os.utime(name, (attr.st_atime, attr.st_mtime), dir_fd=dir_fd, follow_symlinks=False)
@@ -107,10 +109,11 @@ def _apply_attr_fd(fd: int, attr: SFTPAttributes) -> None:
 class FileHandle(paramiko.SFTPHandle):
     """An open regular file under an export; dies with the export."""
 
-    def __init__(self, fd: int, export: Export, flags: int, name: str):
+    def __init__(self, fd: int, export: Export, flags: int, name: str, read_only: bool | None = None):
         super().__init__(flags)
         self.fd = fd
         self.export = export
+        self.read_only = export.read_only if read_only is None else read_only
         self.filename = name
         self.writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
 
@@ -135,7 +138,7 @@ class FileHandle(paramiko.SFTPHandle):
     def write(self, offset: int, data: bytes) -> int:
         try:
             fd = self._live()
-            if self.export.read_only:
+            if self.read_only:
                 raise refused("read-only export")
             view = memoryview(data)
             while view:
@@ -155,7 +158,7 @@ class FileHandle(paramiko.SFTPHandle):
     def chattr(self, attr: SFTPAttributes) -> int:
         try:
             fd = self._live()
-            _check_writable(self.export)
+            _check_writable(self)
             _apply_attr_fd(fd, attr)
             return OK
         except OSError as e:
@@ -180,7 +183,7 @@ class FileHandle(paramiko.SFTPHandle):
 class DirHandle(paramiko.SFTPHandle):
     """An open directory, listed in batches straight from the kernel (never whole)."""
 
-    def __init__(self, fd: int, export: Export, name: str, at_root: bool):
+    def __init__(self, fd: int, export: Export, name: str, at_root: bool, parent_fd: int | None = None):
         super().__init__(0)
         self.export = export
         self.filename = name
@@ -188,7 +191,12 @@ class DirHandle(paramiko.SFTPHandle):
         self._scan = os.scandir(fd)  # works on its own dup of fd
         here = os.fstat(fd)
         # Never reveal the attributes of the directory above an export.
-        up = here if at_root else os.stat("..", dir_fd=fd)
+        if at_root:
+            up = here
+        elif parent_fd is not None:
+            up = os.fstat(parent_fd)  # from the walk: the kernel's ".." may lie outside
+        else:
+            up = os.stat("..", dir_fd=fd)
         self._pending: list[SFTPAttributes] = [_attributes(here, "."), _attributes(up, "..")]
 
     def read_batch(self, max_names: int) -> list[SFTPAttributes] | int:
@@ -280,7 +288,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
         excl = bool(flags & os.O_CREAT and flags & os.O_EXCL)
         with self._resolve(path, follow_last=not excl) as res:
             if flags & _WRITE_FLAGS:
-                _check_writable(res.export)
+                _check_writable(res)
             if res.name is None:
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
             mode = 0o666
@@ -293,7 +301,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
             except BaseException:
                 os.close(fd)
                 raise
-            return FileHandle(fd, res.export, flags, res.sftp_path)
+            return FileHandle(fd, res.export, flags, res.sftp_path, res.read_only)
 
     @_status_on_error
     def opendir(self, path: str) -> DirHandle:
@@ -305,7 +313,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
             else:
                 fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=res.dir_fd)
             try:
-                return DirHandle(fd, res.export, res.sftp_path, res.is_root)
+                return DirHandle(fd, res.export, res.sftp_path, res.is_root, res.parent_fd)
             except BaseException:
                 os.close(fd)
                 raise
@@ -345,7 +353,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
     @_status_on_error
     def chattr(self, path: str, attr: SFTPAttributes) -> int:
         with self._resolve(path) as res:
-            _check_writable(res.export)
+            _check_writable(res)
             if res.name is None:
                 _apply_attr_fd_dir(res.dir_fd, attr)
             else:
@@ -356,7 +364,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
     def lsetstat(self, path: str, attr: SFTPAttributes) -> int:
         """lsetstat@openssh.com: SETSTAT that never follows a final symlink."""
         with self._resolve(path, follow_last=False) as res:
-            _check_writable(res.export)
+            _check_writable(res)
             if res.name is None:
                 _apply_attr_fd_dir(res.dir_fd, attr)
             else:
@@ -379,14 +387,14 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
     @_status_on_error
     def remove(self, path: str) -> int:
         with self._resolve_named(path) as res:
-            _check_writable(res.export)
+            _check_writable(res)
             os.unlink(res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]
             return OK
 
     @_status_on_error
     def mkdir(self, path: str, attr: SFTPAttributes) -> int:
         with self._resolve_named(path) as res:
-            _check_writable(res.export)
+            _check_writable(res)
             mode = 0o777
             if attr is not None and attr._flags & attr.FLAG_PERMISSIONS:
                 mode = attr.st_mode & 0o7777
@@ -396,7 +404,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
     @_status_on_error
     def rmdir(self, path: str) -> int:
         with self._resolve_named(path) as res:
-            _check_writable(res.export)
+            _check_writable(res)
             os.rmdir(res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]  # never recursive
             return OK
 
@@ -411,7 +419,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
             old.close()
             new.close()
             raise OSError(errno.EXDEV, "source and target are in different exports")
-        if old.export.read_only:
+        if old.read_only or new.read_only:
             old.close()
             new.close()
             raise refused("read-only export")
@@ -459,7 +467,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
     def symlink(self, target_path: str, path: str) -> int:
         """Create ``path`` -> ``target_path``; a target that leaves the export is refused."""
         with self._resolve_named(path) as res:
-            _check_writable(res.export)
+            _check_writable(res)
             if not self.jail.link_target_allowed(res, target_path):
                 raise refused("symlink target outside the export")
             os.symlink(target_path, res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]
