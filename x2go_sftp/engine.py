@@ -2,21 +2,28 @@
 
 A subclass of paramiko's ``SFTPServer`` (so it plugs in as the ``sftp``
 subsystem handler and still accepts any ``SFTPServerInterface``), with its own
-request loop.  Differences from paramiko's stock engine:
+framing, parser and request loop.  Differences from paramiko's stock engine:
 
 * the OpenSSH extensions sshfs and sftp rely on are advertised and served
-  (posix-rename, statvfs, fstatvfs, hardlink, fsync, lsetstat, limits,
-  expand-path, copy-data, home-directory, users-groups-by-id);
-* packets over :data:`MAX_PACKET_LENGTH` close the session instead of being
-  buffered; READ lengths are clamped; open handles are capped per session;
-* READDIR streams from the directory in batches instead of listing it whole;
+  with OpenSSH's names, versions and wire formats (posix-rename, statvfs,
+  fstatvfs, hardlink, fsync, lsetstat, limits, expand-path, copy-data,
+  home-directory, users-groups-by-id);
+* requests are parsed strictly: a short field is a BAD_MESSAGE reply, never
+  paramiko's silent zero padding;
+* packets over :data:`MAX_PACKET_LENGTH` close the session; READ lengths are
+  clamped; open handles are capped per session;
+* READDIR streams from the directory in batches of at most
+  :data:`READDIR_MAX_NAMES` names, within a byte budget sshfs accepts;
 * paths are bytes on the wire and may be any bytes (undecodable ones pass
   through with ``surrogateescape``), as OpenSSH's sftp-server treats them;
-* every status carries a useful message (the errno text).
+* every status carries a useful message (the errno text);
+* attributes and "ls -l" long names are encoded as OpenSSH does (times wrap
+  to 32 bits instead of crashing a listing).
 
 Extensions are switched on by capability: the engine looks for the optional
 backend methods (``posix_rename``, ``hardlink``, ``statvfs``, ...) and
-advertises only what the backend provides.
+advertises only what the backend provides.  The wire formats are described
+in ``docs/protocol.md``.
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat as stat_mod
 import struct
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import paramiko
-from paramiko.message import Message
 from paramiko.sftp import (
     CMD_ATTRS,
     CMD_CLOSE,
@@ -62,6 +71,12 @@ from paramiko.sftp import (
     SFTP_BAD_MESSAGE,
     SFTP_EOF,
     SFTP_FAILURE,
+    SFTP_FLAG_APPEND,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_EXCL,
+    SFTP_FLAG_READ,
+    SFTP_FLAG_TRUNC,
+    SFTP_FLAG_WRITE,
     SFTP_NO_SUCH_FILE,
     SFTP_OK,
     SFTP_OP_UNSUPPORTED,
@@ -72,7 +87,7 @@ from paramiko.sftp_attr import SFTPAttributes
 from paramiko.sftp_handle import SFTPHandle
 
 from . import log
-from .status import Status
+from .status import Status, from_oserror
 
 SFTP_VERSION = 3
 
@@ -87,21 +102,32 @@ MAX_WRITE_LENGTH = MAX_PACKET_LENGTH - 1024
 # Per-session cap on open handles.  OpenSSH runs one process per session and
 # derives its cap from RLIMIT_NOFILE; all our sessions share one process (and
 # its usual 1024 descriptors), so each gets a fixed share.  Reported to clients
-# through limits@openssh.com; the next OPEN past it fails cleanly.
+# through limits@openssh.com; the next OPEN/OPENDIR past it fails cleanly.
 MAX_OPEN_HANDLES = 256
 
+# sshfs (MAX_REPLY_LEN in sshfs.c) drops the whole connection when a reply
+# packet is longer than 128 KiB.  DATA replies are as long as the client asked
+# for; every other reply we build is kept under this.
+SSHFS_MAX_REPLY = 128 * 1024
+
 # READDIR batch: OpenSSH sends at most 100 names a reply.  The byte budget keeps
-# every reply far below sshfs's limit on reply size (it drops the connection
-# on replies over 128 KiB) even with 255-byte names and long "ls -l" lines.
+# every reply far below SSHFS_MAX_REPLY even with 255-byte names, long user
+# names and "ls -l" lines (one entry is under 1 KiB).
 READDIR_MAX_NAMES = 100
 READDIR_MAX_BYTES = 64 * 1024
 
-# copy-data moves data in chunks of this size between two open handles.
+# copy-data moves data in chunks of this size between two open handles (as OpenSSH).
 COPY_CHUNK = 64 * 1024
 
-# statvfs@openssh.com flag bits (PROTOCOL, section 4.4).
+# statvfs@openssh.com flag bits (OpenSSH PROTOCOL, section 4.4).
 SSH2_FXE_STATVFS_ST_RDONLY = 0x1
 SSH2_FXE_STATVFS_ST_NOSUID = 0x2
+
+# Files modified within half a year (OpenSSH's ls_file) show a time, older ones a year.
+_RECENT_SECONDS = 365 * 24 * 60 * 60 // 2
+
+# User/group name lookups cached per session for "ls -l" long names (NSS can be slow).
+_NAME_CACHE_SIZE = 1024
 
 # (name, version, backend capability that enables it, or None: always on)
 EXTENSIONS: tuple[tuple[str, str, str | None], ...] = (
@@ -116,12 +142,24 @@ EXTENSIONS: tuple[tuple[str, str, str | None], ...] = (
     ("copy-data", "1", None),
     ("home-directory", "1", None),
     ("users-groups-by-id@openssh.com", "1", None),
-    ("check-file", "md5,sha1", None),
 )
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_U32_MASK = 0xFFFFFFFF
+_U64_MASK = 0xFFFFFFFFFFFFFFFF
 
 
 class PacketTooLarge(SFTPError):
     """The peer sent a packet over :data:`MAX_PACKET_LENGTH`."""
+
+
+class BadMessage(ValueError):
+    """A request whose fields do not parse (answered with SSH_FX_BAD_MESSAGE)."""
+
+
+class ChannelGone(Exception):
+    """Sending a reply failed: the client or the tunnel closed the channel."""
 
 
 def _dec(raw: bytes) -> str:
@@ -132,20 +170,137 @@ def _enc(text: str | bytes) -> bytes:
     return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
 
 
-def _longname(attr: SFTPAttributes) -> bytes:
-    # paramiko's str(attr) is "ls -l"-like; it formats the name with str.format,
-    # which keeps surrogates, so encode the same way as names.
-    return _enc(str(attr))
+def _string(data: bytes) -> bytes:
+    return _U32.pack(len(data)) + data
+
+
+class Reader:
+    """Strict reader of SFTP fields from one packet body.
+
+    Unlike paramiko's ``Message`` (which pads a short packet with zeros), any
+    field that runs past the end raises :class:`BadMessage`.
+    """
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int = 0):
+        self.data = data
+        self.pos = pos
+
+    def _take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise BadMessage("truncated request")
+        out = self.data[self.pos:end]
+        self.pos = end
+        return out
+
+    def u32(self) -> int:
+        return int(_U32.unpack(self._take(4))[0])
+
+    def u64(self) -> int:
+        return int(_U64.unpack(self._take(8))[0])
+
+    def string(self) -> bytes:
+        return self._take(self.u32())
+
+    def path(self) -> str:
+        return _dec(self.string())
+
+    def handle(self) -> bytes:
+        return self.string()
+
+    def attrs(self) -> SFTPAttributes:
+        """ATTRS as in draft-ietf-secsh-filexfer-02 section 5."""
+        attr = SFTPAttributes()
+        flags = self.u32()
+        attr._flags = flags
+        if flags & SFTPAttributes.FLAG_SIZE:
+            attr.st_size = self.u64()
+        if flags & SFTPAttributes.FLAG_UIDGID:
+            attr.st_uid = self.u32()
+            attr.st_gid = self.u32()
+        if flags & SFTPAttributes.FLAG_PERMISSIONS:
+            attr.st_mode = self.u32()
+        if flags & SFTPAttributes.FLAG_AMTIME:
+            attr.st_atime = self.u32()
+            attr.st_mtime = self.u32()
+        if flags & SFTPAttributes.FLAG_EXTENDED:
+            for _ in range(self.u32()):
+                attr.attr[_dec(self.string())] = self.string()
+        return attr
+
+
+def pack_attrs(attr: SFTPAttributes) -> bytes:
+    """Encode ATTRS as OpenSSH does: present fields only, times and ids wrapped to 32 bits."""
+    flags = 0
+    out = [b""]
+    if attr.st_size is not None:
+        flags |= SFTPAttributes.FLAG_SIZE
+        out.append(_U64.pack(int(attr.st_size) & _U64_MASK))
+    if attr.st_uid is not None and attr.st_gid is not None:
+        flags |= SFTPAttributes.FLAG_UIDGID
+        out.append(_U32.pack(int(attr.st_uid) & _U32_MASK) + _U32.pack(int(attr.st_gid) & _U32_MASK))
+    if attr.st_mode is not None:
+        flags |= SFTPAttributes.FLAG_PERMISSIONS
+        out.append(_U32.pack(int(attr.st_mode) & _U32_MASK))
+    if attr.st_atime is not None and attr.st_mtime is not None:
+        flags |= SFTPAttributes.FLAG_AMTIME
+        # SFTP v3 times are uint32; OpenSSH truncates time_t the same way, so a
+        # file dated before 1970 or after 2106 cannot break a whole listing.
+        out.append(_U32.pack(int(attr.st_atime) & _U32_MASK) + _U32.pack(int(attr.st_mtime) & _U32_MASK))
+    out[0] = _U32.pack(flags)
+    return b"".join(out)
+
+
+def _mode_string(mode: int) -> str:
+    """``strmode(3)``: file type, nine permission letters and a trailing space."""
+    kinds = {
+        stat_mod.S_IFDIR: "d", stat_mod.S_IFCHR: "c", stat_mod.S_IFBLK: "b", stat_mod.S_IFREG: "-",
+        stat_mod.S_IFLNK: "l", stat_mod.S_IFSOCK: "s", stat_mod.S_IFIFO: "p",
+    }
+    out = [kinds.get(stat_mod.S_IFMT(mode), "?")]
+    for shift, special, on, off in ((6, stat_mod.S_ISUID, "s", "S"), (3, stat_mod.S_ISGID, "s", "S"),
+                                    (0, stat_mod.S_ISVTX, "t", "T")):
+        bits = (mode >> shift) & 7
+        out.append("r" if bits & 4 else "-")
+        out.append("w" if bits & 2 else "-")
+        if mode & special:
+            out.append(on if bits & 1 else off)
+        else:
+            out.append("x" if bits & 1 else "-")
+    return "".join(out) + " "
+
+
+def _date_string(mtime: int | None, now: float) -> str:
+    if not mtime:
+        return ""
+    try:
+        when = time.localtime(mtime)
+    except (OverflowError, OSError, ValueError):
+        return ""
+    if now - _RECENT_SECONDS < mtime <= now:
+        return time.strftime("%b %e %H:%M", when)
+    return time.strftime("%b %e  %Y", when)
 
 
 class SFTPEngine(paramiko.SFTPServer):
-    """SFTP v3 subsystem handler; pass it to ``Transport.set_subsystem_handler``."""
+    """SFTP v3 subsystem handler; pass it to ``Transport.set_subsystem_handler``.
+
+    Args (from paramiko): the channel, the subsystem name, the SSH
+    ``ServerInterface`` (its ``username``, if any, is the one user
+    ``home-directory`` answers for), the ``SFTPServerInterface`` class and the
+    arguments it is built with (``logger`` is used here too).
+    """
 
     def __init__(self, channel: paramiko.Channel, name: str, server: paramiko.ServerInterface,
                  sftp_si: type = paramiko.SFTPServerInterface, *args: Any, **kwargs: Any):
         super().__init__(channel, name, server, sftp_si, *args, **kwargs)
         self.xlog = log.tagged(kwargs.get("logger"), "sftp")
-        self._handlers: dict[int, Callable[[int, Message], None]] = {
+        self.username: str | None = getattr(server, "username", None)
+        self.requests: Counter[str] = Counter()
+        self._names: dict[tuple[str, int], str] = {}
+        self._handlers: dict[int, Callable[[int, Reader], None]] = {
             CMD_OPEN: self._do_open,
             CMD_CLOSE: self._do_close,
             CMD_READ: self._do_read,
@@ -166,102 +321,161 @@ class SFTPEngine(paramiko.SFTPServer):
             CMD_REALPATH: self._do_realpath,
             CMD_EXTENDED: self._do_extended,
         }
-        self._extended: dict[str, Callable[[int, Message], None]] = {
+        extended: dict[str, Callable[[int, Reader], None]] = {
             "posix-rename@openssh.com": self._do_two_paths("posix_rename"),
             "statvfs@openssh.com": self._ext_statvfs,
             "fstatvfs@openssh.com": self._ext_fstatvfs,
             "hardlink@openssh.com": self._do_two_paths("hardlink"),
             "fsync@openssh.com": self._ext_fsync,
-            "lsetstat@openssh.com": self._do_path_attr("lsetstat"),
+            "lsetstat@openssh.com": self._ext_lsetstat,
             "limits@openssh.com": self._ext_limits,
             "expand-path@openssh.com": self._ext_expand_path,
             "copy-data": self._ext_copy_data,
             "home-directory": self._ext_home_directory,
             "users-groups-by-id@openssh.com": self._ext_users_groups,
-            "check-file": self._check_file,
         }
         self.extensions = [
-            (name, version)
-            for name, version, needs in EXTENSIONS
-            if needs is None or callable(getattr(self.server, needs, None))
+            (ext, version)
+            for ext, version, needs in EXTENSIONS
+            if needs is None or self._backend_has(needs)
         ]
-        enabled = {name for name, _ in self.extensions}
-        self._extended = {k: v for k, v in self._extended.items() if k in enabled}
+        enabled = {ext for ext, _ in self.extensions}
+        self._extended = {k: v for k, v in extended.items() if k in enabled}
+
+    def _backend_has(self, method: str) -> bool:
+        """True if the backend really implements ``method``.
+
+        paramiko's own ``SFTPServerInterface`` has a ``posix_rename`` that only
+        answers OP_UNSUPPORTED; advertising the extension on that would be a lie.
+        """
+        impl = getattr(type(self.server), method, None)
+        return callable(impl) and impl is not getattr(paramiko.SFTPServerInterface, method, None)
 
     # -- framing -------------------------------------------------------------
     def _read_packet(self) -> tuple[int, bytes]:
-        header = self._read_all(4)
-        (size,) = struct.unpack(">I", header)
+        (size,) = _U32.unpack(self._read_all(4))
         if size > MAX_PACKET_LENGTH:
             raise PacketTooLarge(f"packet of {size} bytes exceeds {MAX_PACKET_LENGTH}")
         if size == 0:
-            raise SFTPError("empty packet")
+            raise BadMessage("empty packet")
         data = self._read_all(size)
         return data[0], data[1:]
 
     def _read_all(self, n: int) -> bytes:
         parts = []
         while n > 0:
-            chunk = self.sock.recv(n)
+            chunk = self.sock.recv(min(n, MAX_PACKET_LENGTH))
             if not chunk:
                 raise EOFError()
             parts.append(chunk)
             n -= len(chunk)
         return b"".join(parts)
 
+    def _send(self, t: int, body: bytes) -> None:
+        try:
+            self._write_all(_U32.pack(len(body) + 1) + bytes((t,)) + body)
+        except (OSError, EOFError) as e:
+            raise ChannelGone(str(e) or type(e).__name__) from e
+
     def start_subsystem(self, name: str, transport: paramiko.Transport, channel: paramiko.Channel) -> None:
         self.sock = channel
         try:
-            t, data = self._read_packet()
+            t, _ = self._read_packet()
             if t != CMD_INIT:
-                raise SFTPError(f"expected INIT, got packet type {t}")
-            msg = Message()
-            msg.add_int(SFTP_VERSION)
+                raise BadMessage(f"expected INIT, got packet type {t}")
+            body = [_U32.pack(SFTP_VERSION)]
             for ext_name, version in self.extensions:
-                msg.add_string(ext_name)
-                msg.add_string(version)
-            self._send_packet(CMD_VERSION, msg)
-        except (EOFError, SFTPError, OSError) as e:
-            self.xlog(f"sFTP session on {channel} ended during INIT: {e}", loglevel=log.loglevel_INFO)
+                body.append(_string(ext_name.encode()) + _string(version.encode()))
+            self._send(CMD_VERSION, b"".join(body))
+        except (EOFError, ChannelGone):
+            return
+        except (SFTPError, BadMessage, OSError) as e:
+            self.xlog(f"closing sFTP session on {channel} during INIT: {e}", loglevel=log.loglevel_WARN)
+            channel.close()
             return
         self.server.session_started()
+        self._serve(channel)
+
+    def _serve(self, channel: paramiko.Channel) -> None:
         while True:
             try:
                 t, data = self._read_packet()
             except EOFError:
                 return
-            except PacketTooLarge as e:
+            except (PacketTooLarge, BadMessage) as e:
                 self.xlog(f"closing sFTP session on {channel}: {e}", loglevel=log.loglevel_WARN)
                 channel.close()
                 return
             except Exception as e:  # socket errors, a closed channel
                 self.xlog(f"sFTP session on {channel} ended: {e}", loglevel=log.loglevel_DEBUG)
                 return
-            msg = Message(data)
-            try:
-                request_number = msg.get_int()
-            except Exception:
-                self.xlog("closing sFTP session: truncated packet", loglevel=log.loglevel_WARN)
+            if len(data) < 4:
+                self.xlog(f"closing sFTP session on {channel}: packet without request id",
+                          loglevel=log.loglevel_WARN)
                 channel.close()
                 return
+            request_number = _U32.unpack_from(data)[0]
             try:
-                self._process(t, request_number, msg)
+                self._process(t, request_number, Reader(data, 4))
+            except BadMessage as e:
+                self.xlog(f"sFTP {CMD_NAMES.get(t, t)} #{request_number}: {e}", loglevel=log.loglevel_INFO)
+                if not self._try_status(request_number, Status(SFTP_BAD_MESSAGE, str(e))):
+                    return
+            except ChannelGone as e:
+                self.xlog(f"sFTP session on {channel} ended while replying: {e}", loglevel=log.loglevel_DEBUG)
+                return
+            except OSError as e:
+                # A backend call that raised instead of returning a status.
+                self.xlog(f"sFTP request {CMD_NAMES.get(t, t)} failed: {e!r}", loglevel=log.loglevel_INFO)
+                if not self._try_status(request_number, from_oserror(e)):
+                    return
             except Exception as e:
-                # A malformed request (short fields) or a backend bug: answer, keep serving.
-                self.xlog(f"sFTP request {CMD_NAMES.get(t, t)} failed: {e!r}", loglevel=log.loglevel_DEBUG)
-                try:
-                    self._send_status(request_number, SFTP_BAD_MESSAGE if isinstance(e, (IndexError, struct.error)) else SFTP_FAILURE)
-                except Exception:
+                # A backend bug: answer, log it loudly, keep serving.
+                self.xlog(f"sFTP request {CMD_NAMES.get(t, t)} failed: {e!r}", loglevel=log.loglevel_ERROR)
+                if not self._try_status(request_number, Status(SFTP_FAILURE, "Internal error")):
                     return
 
-    def _process(self, t: int, request_number: int, msg: Message) -> None:
+    def _try_status(self, request_number: int, status: Status) -> bool:
+        try:
+            self._send_status(request_number, status)
+            return True
+        except Exception:
+            return False
+
+    def _process(self, t: int, request_number: int, req: Reader) -> None:
         handler = self._handlers.get(t)
         if handler is None:
-            self._send_status(request_number, SFTP_OP_UNSUPPORTED)
+            # OpenSSH logs and drops an unknown request; an answer keeps the client from waiting forever.
+            self.requests[f"unknown-{t}"] += 1
+            self._send_status(request_number, Status(SFTP_OP_UNSUPPORTED, f"Unknown request type {t}"))
             return
-        if self.xlog.enabled(log.loglevel_DEBUG_SFTPXFER):
-            self.xlog(f"request {CMD_NAMES.get(t, t)} #{request_number}", loglevel=log.loglevel_DEBUG_SFTPXFER)
-        handler(request_number, msg)
+        if t != CMD_EXTENDED:
+            self.requests[CMD_NAMES.get(t, str(t))] += 1
+            if self.xlog.enabled(log.loglevel_DEBUG_SFTPXFER):
+                self.xlog(f"request {CMD_NAMES.get(t, t)} #{request_number}", loglevel=log.loglevel_DEBUG_SFTPXFER)
+        handler(request_number, req)
+
+    def finish_subsystem(self) -> None:
+        """Close every handle this session still holds (each one, whatever the others do)."""
+        try:
+            self.server.session_ended()
+        except Exception as e:
+            self.xlog(f"session_ended failed: {e!r}", loglevel=log.loglevel_ERROR)
+        tables = (self.file_table, self.folder_table)
+        self.file_table, self.folder_table = {}, {}
+        for table in tables:
+            for h in table.values():
+                try:
+                    h.close()
+                except Exception as e:
+                    self.xlog(f"closing a handle at session end failed: {e!r}", loglevel=log.loglevel_ERROR)
+        if self.requests and self.xlog.enabled(log.loglevel_DEBUG):
+            summary = " ".join(f"{k}={v}" for k, v in sorted(self.requests.items()))
+            self.xlog(f"sFTP session ended; requests: {summary}", loglevel=log.loglevel_DEBUG)
+        try:
+            self.sock.close()
+        except Exception:
+            pass
 
     # -- replies -------------------------------------------------------------
     def _send_status(self, request_number: int, code: int, desc: str | None = None) -> None:
@@ -269,51 +483,44 @@ class SFTPEngine(paramiko.SFTPServer):
             desc = getattr(code, "message", None)
         if desc is None:
             desc = Status(code).message
-        msg = Message()
-        msg.add_int(request_number)
-        msg.add_int(int(code))
-        msg.add_string(desc)
-        msg.add_string("")
-        self._send_packet(CMD_STATUS, msg)
+        self._send(CMD_STATUS, _U32.pack(request_number) + _U32.pack(int(code))
+                   + _string(_enc(desc)) + _string(b""))
 
-    def _send_names(self, request_number: int, entries: list[tuple[bytes, bytes, SFTPAttributes]]) -> None:
-        msg = Message()
-        msg.add_int(request_number)
-        msg.add_int(len(entries))
-        for name, longname, attr in entries:
-            msg.add_string(name)
-            msg.add_string(longname)
-            attr._pack(msg)
-        self._send_packet(CMD_NAME, msg)
+    def _send_names(self, request_number: int, entries: list[bytes]) -> None:
+        """NAME reply from already encoded ``name, longname, attrs`` entries."""
+        self._send(CMD_NAME, _U32.pack(request_number) + _U32.pack(len(entries)) + b"".join(entries))
 
     def _send_one_name(self, request_number: int, name: str) -> None:
-        self._send_names(request_number, [(_enc(name), b"", SFTPAttributes())])
+        # As OpenSSH: the long name repeats the name; no attributes.
+        raw = _enc(name)
+        self._send_names(request_number, [_string(raw) + _string(raw) + _U32.pack(0)])
 
     def _send_attrs_or_status(self, request_number: int, resp: Any) -> None:
         if isinstance(resp, SFTPAttributes):
-            msg = Message()
-            msg.add_int(request_number)
-            resp._pack(msg)
-            self._send_packet(CMD_ATTRS, msg)
+            self._send(CMD_ATTRS, _U32.pack(request_number) + pack_attrs(resp))
         else:
             self._send_status(request_number, resp)
+
+    def _open_handles(self) -> int:
+        return len(self.file_table) + len(self.folder_table)
+
+    def _at_handle_cap(self, request_number: int) -> bool:
+        if self._open_handles() < MAX_OPEN_HANDLES:
+            return False
+        self.xlog(f"refusing a handle: {MAX_OPEN_HANDLES} already open in this session",
+                  loglevel=log.loglevel_NOTICE)
+        self._send_status(request_number, Status(SFTP_FAILURE, "Too many open handles"))
+        return True
 
     def _register(self, request_number: int, handle: Any, folder: bool) -> None:
         if not isinstance(handle, SFTPHandle):
             self._send_status(request_number, handle)
             return
-        if len(self.file_table) + len(self.folder_table) >= MAX_OPEN_HANDLES:
-            handle.close()
-            self._send_status(request_number, Status(SFTP_FAILURE, "Too many open handles"))
-            return
         name = b"hx%d" % self.next_handle
         self.next_handle += 1
         handle._set_name(name)
         (self.folder_table if folder else self.file_table)[name] = handle
-        msg = Message()
-        msg.add_int(request_number)
-        msg.add_string(name)
-        self._send_packet(CMD_HANDLE, msg)
+        self._send(CMD_HANDLE, _U32.pack(request_number) + _string(name))
 
     def _file(self, request_number: int, handle: bytes) -> SFTPHandle | None:
         f = self.file_table.get(handle)
@@ -322,17 +529,34 @@ class SFTPEngine(paramiko.SFTPServer):
         return f
 
     # -- requests ------------------------------------------------------------
-    def _do_open(self, request_number: int, msg: Message) -> None:
-        path = _dec(msg.get_binary())
-        flags = self._convert_pflags(msg.get_int())
-        attr = SFTPAttributes._from_msg(msg)
-        if len(self.file_table) + len(self.folder_table) >= MAX_OPEN_HANDLES:
-            self._send_status(request_number, Status(SFTP_FAILURE, "Too many open handles"))
+    @staticmethod
+    def _open_flags(pflags: int) -> int:
+        if pflags & SFTP_FLAG_READ and pflags & SFTP_FLAG_WRITE:
+            flags = os.O_RDWR
+        elif pflags & SFTP_FLAG_WRITE:
+            flags = os.O_WRONLY
+        else:
+            flags = os.O_RDONLY
+        if pflags & SFTP_FLAG_APPEND:
+            flags |= os.O_APPEND
+        if pflags & SFTP_FLAG_CREATE:
+            flags |= os.O_CREAT
+        if pflags & SFTP_FLAG_TRUNC:
+            flags |= os.O_TRUNC
+        if pflags & SFTP_FLAG_EXCL:
+            flags |= os.O_EXCL
+        return flags
+
+    def _do_open(self, request_number: int, req: Reader) -> None:
+        path = req.path()
+        flags = self._open_flags(req.u32())
+        attr = req.attrs()
+        if self._at_handle_cap(request_number):
             return
         self._register(request_number, self.server.open(path, flags, attr), folder=False)
 
-    def _do_close(self, request_number: int, msg: Message) -> None:
-        handle = msg.get_binary()
+    def _do_close(self, request_number: int, req: Reader) -> None:
+        handle = req.handle()
         h = self.folder_table.pop(handle, None) or self.file_table.pop(handle, None)
         if h is None:
             self._send_status(request_number, Status(SFTP_FAILURE, "Invalid handle"))
@@ -341,64 +565,60 @@ class SFTPEngine(paramiko.SFTPServer):
         # close() may report a deferred write error (NFS, quota): pass it on.
         self._send_status(request_number, result if isinstance(result, int) else SFTP_OK)
 
-    def _do_read(self, request_number: int, msg: Message) -> None:
-        handle = msg.get_binary()
-        offset = msg.get_int64()
-        length = min(msg.get_int(), MAX_READ_LENGTH)
+    def _do_read(self, request_number: int, req: Reader) -> None:
+        handle = req.handle()
+        offset = req.u64()
+        length = min(req.u32(), MAX_READ_LENGTH)
         f = self._file(request_number, handle)
         if f is None:
             return
-        data = f.read(offset, length)
-        if isinstance(data, (bytes, bytearray)):
+        data = f.read(offset, length) if length else b""
+        if isinstance(data, (bytes, bytearray, memoryview)):
             if not data:
                 self._send_status(request_number, SFTP_EOF)
                 return
-            out = Message()
-            out.add_int(request_number)
-            out.add_string(bytes(data))
-            self._send_packet(CMD_DATA, out)
+            self._send(CMD_DATA, _U32.pack(request_number) + _string(bytes(data)))
         else:
             self._send_status(request_number, data)
 
-    def _do_write(self, request_number: int, msg: Message) -> None:
-        handle = msg.get_binary()
-        offset = msg.get_int64()
-        data = msg.get_binary()
+    def _do_write(self, request_number: int, req: Reader) -> None:
+        handle = req.handle()
+        offset = req.u64()
+        data = req.string()
         f = self._file(request_number, handle)
         if f is None:
             return
         self._send_status(request_number, f.write(offset, data))
 
-    def _do_path_status(self, method: str) -> Callable[[int, Message], None]:
-        def handler(request_number: int, msg: Message) -> None:
-            path = _dec(msg.get_binary())
+    def _do_path_status(self, method: str) -> Callable[[int, Reader], None]:
+        def handler(request_number: int, req: Reader) -> None:
+            path = req.path()
             self._send_status(request_number, getattr(self.server, method)(path))
         return handler
 
-    def _do_two_paths(self, method: str) -> Callable[[int, Message], None]:
-        def handler(request_number: int, msg: Message) -> None:
-            old = _dec(msg.get_binary())
-            new = _dec(msg.get_binary())
+    def _do_two_paths(self, method: str) -> Callable[[int, Reader], None]:
+        def handler(request_number: int, req: Reader) -> None:
+            old = req.path()
+            new = req.path()
             self._send_status(request_number, getattr(self.server, method)(old, new))
         return handler
 
-    def _do_path_attr(self, method: str) -> Callable[[int, Message], None]:
-        def handler(request_number: int, msg: Message) -> None:
-            path = _dec(msg.get_binary())
-            attr = SFTPAttributes._from_msg(msg)
+    def _do_path_attr(self, method: str) -> Callable[[int, Reader], None]:
+        def handler(request_number: int, req: Reader) -> None:
+            path = req.path()
+            attr = req.attrs()
             self._send_status(request_number, getattr(self.server, method)(path, attr))
         return handler
 
-    def _do_path_attrs(self, method: str) -> Callable[[int, Message], None]:
-        def handler(request_number: int, msg: Message) -> None:
-            path = _dec(msg.get_binary())
+    def _do_path_attrs(self, method: str) -> Callable[[int, Reader], None]:
+        def handler(request_number: int, req: Reader) -> None:
+            path = req.path()
             self._send_attrs_or_status(request_number, getattr(self.server, method)(path))
         return handler
 
-    def _do_opendir(self, request_number: int, msg: Message) -> None:
-        path = _dec(msg.get_binary())
-        if len(self.file_table) + len(self.folder_table) >= MAX_OPEN_HANDLES:
-            self._send_status(request_number, Status(SFTP_FAILURE, "Too many open handles"))
+    def _do_opendir(self, request_number: int, req: Reader) -> None:
+        path = req.path()
+        if self._at_handle_cap(request_number):
             return
         opendir = getattr(self.server, "opendir", None)
         if opendir is not None:
@@ -413,8 +633,34 @@ class SFTPEngine(paramiko.SFTPServer):
         else:
             self._send_status(request_number, listing)
 
-    def _do_readdir(self, request_number: int, msg: Message) -> None:
-        handle = msg.get_binary()
+    def _user_name(self, kind: str, ident: int) -> str:
+        key = (kind, ident)
+        name = self._names.get(key)
+        if name is None:
+            try:
+                name = pwd.getpwuid(ident).pw_name if kind == "u" else grp.getgrgid(ident).gr_name
+            except (KeyError, OverflowError, ValueError):
+                name = str(ident)
+            if len(self._names) >= _NAME_CACHE_SIZE:
+                self._names.clear()
+            self._names[key] = name
+        return name
+
+    def longname(self, attr: SFTPAttributes, now: float | None = None) -> bytes:
+        """The "ls -l" line OpenSSH's sftp-server sends with each READDIR name."""
+        mode = attr.st_mode or 0
+        uid = attr.st_uid if attr.st_uid is not None else 0
+        gid = attr.st_gid if attr.st_gid is not None else 0
+        user = self._user_name("u", uid)
+        group = self._user_name("g", gid)
+        date = _date_string(attr.st_mtime, time.time() if now is None else now)
+        nlink = getattr(attr, "st_nlink", 1)
+        line = (f"{_mode_string(mode)} {nlink:>3} {user:<{max(len(user), 8)}} "
+                f"{group:<{max(len(group), 8)}} {attr.st_size or 0:>8} {date} {attr.filename}")
+        return _enc(line)
+
+    def _do_readdir(self, request_number: int, req: Reader) -> None:
+        handle = req.handle()
         folder = self.folder_table.get(handle)
         if folder is None:
             self._send_status(request_number, Status(SFTP_FAILURE, "Invalid handle"))
@@ -427,68 +673,75 @@ class SFTPEngine(paramiko.SFTPServer):
         if not batch:
             self._send_status(request_number, SFTP_EOF)
             return
-        entries = []
+        entries: list[bytes] = []
         size = 0
-        for i, attr in enumerate(batch):
-            name = _enc(attr.filename)
-            longname = _longname(attr)
-            size += len(name) + len(longname) + 64
-            if entries and size > READDIR_MAX_BYTES:
+        now = time.time()
+        for i, attr in enumerate(batch[:READDIR_MAX_NAMES]):
+            entry = _string(_enc(attr.filename)) + _string(self.longname(attr, now)) + pack_attrs(attr)
+            if entries and size + len(entry) > READDIR_MAX_BYTES:
                 # Over budget: hand the rest back for the next READDIR.
                 push_back = getattr(folder, "push_back", None)
                 if push_back is not None:
                     push_back(batch[i:])
                 break
-            entries.append((name, longname, attr))
+            entries.append(entry)
+            size += len(entry)
         self._send_names(request_number, entries)
 
-    def _do_fstat(self, request_number: int, msg: Message) -> None:
-        f = self._file(request_number, msg.get_binary())
+    def _do_fstat(self, request_number: int, req: Reader) -> None:
+        f = self._file(request_number, req.handle())
         if f is not None:
             self._send_attrs_or_status(request_number, f.stat())
 
-    def _do_fsetstat(self, request_number: int, msg: Message) -> None:
-        handle = msg.get_binary()
-        attr = SFTPAttributes._from_msg(msg)
+    def _do_fsetstat(self, request_number: int, req: Reader) -> None:
+        handle = req.handle()
+        attr = req.attrs()
         f = self._file(request_number, handle)
         if f is not None:
             self._send_status(request_number, f.chattr(attr))
 
-    def _do_readlink(self, request_number: int, msg: Message) -> None:
-        resp = self.server.readlink(_dec(msg.get_binary()))
+    def _do_readlink(self, request_number: int, req: Reader) -> None:
+        resp = self.server.readlink(req.path())
         if isinstance(resp, (str, bytes)):
             self._send_one_name(request_number, resp)  # type: ignore[arg-type]
         else:
             self._send_status(request_number, resp)
 
-    def _do_symlink(self, request_number: int, msg: Message) -> None:
-        # OpenSSH (and so sshfs) send the target first, then the link path
-        # (the reverse of the draft); paramiko's interface takes that order too.
-        target = _dec(msg.get_binary())
-        path = _dec(msg.get_binary())
+    def _do_symlink(self, request_number: int, req: Reader) -> None:
+        # OpenSSH (and so sshfs and sftp) send the target first, then the link
+        # path: the reverse of the draft.  paramiko's interface takes that order too.
+        target = req.path()
+        path = req.path()
         self._send_status(request_number, self.server.symlink(target, path))
 
     def _realpath(self, path: str) -> Any:
+        if not path:
+            path = "."  # as OpenSSH: an empty path is the current directory
         realpath = getattr(self.server, "realpath", None)
         if realpath is not None:
             return realpath(path)
         return self.server.canonicalize(path)
 
-    def _do_realpath(self, request_number: int, msg: Message) -> None:
-        resp = self._realpath(_dec(msg.get_binary()))
+    def _send_path_or_status(self, request_number: int, resp: Any) -> None:
         if isinstance(resp, str):
             self._send_one_name(request_number, resp)
         else:
             self._send_status(request_number, resp)
 
+    def _do_realpath(self, request_number: int, req: Reader) -> None:
+        self._send_path_or_status(request_number, self._realpath(req.path()))
+
     # -- extensions ----------------------------------------------------------
-    def _do_extended(self, request_number: int, msg: Message) -> None:
-        name = _dec(msg.get_binary())
+    def _do_extended(self, request_number: int, req: Reader) -> None:
+        name = _dec(req.string())
         handler = self._extended.get(name)
+        self.requests[name if handler is not None else "unknown-extension"] += 1
+        if self.xlog.enabled(log.loglevel_DEBUG_SFTPXFER):
+            self.xlog(f"request EXTENDED {name} #{request_number}", loglevel=log.loglevel_DEBUG_SFTPXFER)
         if handler is None:
-            self._send_status(request_number, Status(SFTP_OP_UNSUPPORTED, f"Unsupported extension {name}"))
+            self._send_status(request_number, Status(SFTP_OP_UNSUPPORTED, "Unsupported extended request"))
             return
-        handler(request_number, msg)
+        handler(request_number, req)
 
     def _send_statvfs(self, request_number: int, st: Any, read_only: bool) -> None:
         if not isinstance(st, os.statvfs_result):
@@ -499,12 +752,10 @@ class SFTPEngine(paramiko.SFTPServer):
             flag |= SSH2_FXE_STATVFS_ST_RDONLY
         if st.f_flag & os.ST_NOSUID:
             flag |= SSH2_FXE_STATVFS_ST_NOSUID
-        msg = Message()
-        msg.add_int(request_number)
-        for value in (st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail,
-                      st.f_files, st.f_ffree, st.f_favail, st.f_fsid, flag, st.f_namemax):
-            msg.add_int64(value)
-        self._send_packet(CMD_EXTENDED_REPLY, msg)
+        values = (st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail,
+                  st.f_files, st.f_ffree, st.f_favail, st.f_fsid, flag, st.f_namemax)
+        body = _U32.pack(request_number) + b"".join(_U64.pack(int(v) & _U64_MASK) for v in values)
+        self._send(CMD_EXTENDED_REPLY, body)
 
     def _path_read_only(self, path: str) -> bool:
         exports = getattr(self.server, "exports", None)
@@ -512,121 +763,142 @@ class SFTPEngine(paramiko.SFTPServer):
             return False
         try:
             export, _ = exports.find(exports.normalize(path))
-        except OSError:
+        except (OSError, ValueError):
             return False
         return bool(export.read_only)
 
-    def _ext_statvfs(self, request_number: int, msg: Message) -> None:
-        path = _dec(msg.get_binary())
+    def _ext_statvfs(self, request_number: int, req: Reader) -> None:
+        path = req.path()
         self._send_statvfs(request_number, self.server.statvfs(path), self._path_read_only(path))
 
-    def _ext_fstatvfs(self, request_number: int, msg: Message) -> None:
-        f = self._file(request_number, msg.get_binary())
+    def _ext_fstatvfs(self, request_number: int, req: Reader) -> None:
+        f = self._file(request_number, req.handle())
         if f is None:
             return
         statvfs = getattr(f, "statvfs", None)
         if statvfs is None:
             self._send_status(request_number, SFTP_OP_UNSUPPORTED)
             return
-        export = getattr(f, "export", None)
-        self._send_statvfs(request_number, statvfs(), bool(export is not None and export.read_only))
+        read_only = getattr(f, "read_only", None)
+        if read_only is None:
+            read_only = getattr(getattr(f, "export", None), "read_only", False)
+        self._send_statvfs(request_number, statvfs(), bool(read_only))
 
-    def _ext_fsync(self, request_number: int, msg: Message) -> None:
-        f = self._file(request_number, msg.get_binary())
+    def _ext_fsync(self, request_number: int, req: Reader) -> None:
+        f = self._file(request_number, req.handle())
         if f is None:
             return
         fsync = getattr(f, "fsync", None)
         self._send_status(request_number, fsync() if fsync is not None else SFTP_OP_UNSUPPORTED)
 
-    def _ext_limits(self, request_number: int, msg: Message) -> None:
-        out = Message()
-        out.add_int(request_number)
-        for value in (MAX_PACKET_LENGTH, MAX_READ_LENGTH, MAX_WRITE_LENGTH, MAX_OPEN_HANDLES):
-            out.add_int64(value)
-        self._send_packet(CMD_EXTENDED_REPLY, out)
+    def _ext_lsetstat(self, request_number: int, req: Reader) -> None:
+        path = req.path()
+        attr = req.attrs()
+        if attr._flags & SFTPAttributes.FLAG_SIZE:
+            # As OpenSSH: a symlink has no size to set, so the request is malformed.
+            self._send_status(request_number, Status(SFTP_BAD_MESSAGE, "lsetstat cannot set a size"))
+            return
+        self._send_status(request_number, self.server.lsetstat(path, attr))
+
+    def _ext_limits(self, request_number: int, req: Reader) -> None:
+        values = (MAX_PACKET_LENGTH, MAX_READ_LENGTH, MAX_WRITE_LENGTH, MAX_OPEN_HANDLES)
+        self._send(CMD_EXTENDED_REPLY, _U32.pack(request_number) + b"".join(_U64.pack(v) for v in values))
 
     def _home(self) -> str | None:
         home = getattr(self.server, "home", None)
-        return home() if home is not None else self.server.canonicalize(".")
+        if home is not None:
+            result: str | None = home()
+            return result
+        resolved = self._realpath(".")
+        return resolved if isinstance(resolved, str) else None
 
-    def _ext_expand_path(self, request_number: int, msg: Message) -> None:
-        path = _dec(msg.get_binary())
-        if path == "~" or path.startswith("~/"):
+    def _ext_expand_path(self, request_number: int, req: Reader) -> None:
+        path = req.path()
+        if path.startswith("~"):
+            user, sep, rest = path[1:].partition("/")
+            if user and user != self.username:
+                self._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "No such user"))
+                return
             home = self._home()
             if home is None:
-                self._send_status(request_number, Status(SFTP_PERMISSION_DENIED, "Permission denied"))
+                self._send_status(request_number, Status(SFTP_PERMISSION_DENIED, "Nothing is exported"))
                 return
-            path = home + path[1:]
-        elif path.startswith("~"):
+            path = home + "/" + rest if rest else home
+        # Anything else (relative paths included) is a REALPATH against our home.
+        self._send_path_or_status(request_number, self._realpath(path))
+
+    def _ext_home_directory(self, request_number: int, req: Reader) -> None:
+        user = _dec(req.string())
+        if user and user != self.username:
             self._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "No such user"))
             return
-        resp = self._realpath(path)
-        if isinstance(resp, str):
-            self._send_one_name(request_number, resp)
-        else:
-            self._send_status(request_number, resp)
-
-    def _ext_home_directory(self, request_number: int, msg: Message) -> None:
-        user = _dec(msg.get_binary())
-        ours = getattr(getattr(self.server, "server", None), "username", None)
         home = self._home()
-        if home is None or (user and ours is not None and user != ours):
-            self._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "No such user"))
+        if home is None:
+            self._send_status(request_number, Status(SFTP_PERMISSION_DENIED, "Nothing is exported"))
             return
         self._send_one_name(request_number, home)
 
-    def _ext_users_groups(self, request_number: int, msg: Message) -> None:
+    def _ext_users_groups(self, request_number: int, req: Reader) -> None:
         def ids(blob: bytes) -> list[int]:
             if len(blob) % 4:
-                raise struct.error("id list is not a multiple of 4 bytes")
-            return list(struct.unpack(f">{len(blob) // 4}I", blob))
+                raise BadMessage("id list is not a whole number of uint32")
+            return [v for (v,) in _U32.iter_unpack(blob)]
 
         def names(values: list[int], lookup: Callable[[int], str]) -> bytes:
-            inner = Message()
+            out = []
             for v in values:
                 try:
-                    inner.add_string(lookup(v))
-                except (KeyError, OverflowError):
-                    inner.add_string("")
-            return inner.asbytes()
+                    out.append(_string(_enc(lookup(v))))
+                except (KeyError, OverflowError, ValueError):
+                    out.append(_string(b""))  # as OpenSSH: unknown ids get an empty name
+            return b"".join(out)
 
-        uids = ids(msg.get_binary())
-        gids = ids(msg.get_binary())
-        out = Message()
-        out.add_int(request_number)
-        out.add_string(names(uids, lambda u: pwd.getpwuid(u).pw_name))
-        out.add_string(names(gids, lambda g: grp.getgrgid(g).gr_name))
-        self._send_packet(CMD_EXTENDED_REPLY, out)
+        uids = ids(req.string())
+        gids = ids(req.string())
+        users = names(uids, lambda u: pwd.getpwuid(u).pw_name)
+        groups = names(gids, lambda g: grp.getgrgid(g).gr_name)
+        body = _U32.pack(request_number) + _string(users) + _string(groups)
+        if len(body) + 5 > SSHFS_MAX_REPLY:
+            self._send_status(request_number, Status(SFTP_FAILURE, "Too many ids in one request"))
+            return
+        self._send(CMD_EXTENDED_REPLY, body)
 
-    def _ext_copy_data(self, request_number: int, msg: Message) -> None:
-        src = msg.get_binary()
-        read_offset = msg.get_int64()
-        length = msg.get_int64()
-        dst = msg.get_binary()
-        write_offset = msg.get_int64()
+    def _ext_copy_data(self, request_number: int, req: Reader) -> None:
+        src = req.handle()
+        read_offset = req.u64()
+        length = req.u64()
+        dst = req.handle()
+        write_offset = req.u64()
         fin = self._file(request_number, src)
         if fin is None:
             return
         fout = self._file(request_number, dst)
         if fout is None:
             return
+        same_file = getattr(fin, "same_file", None)
+        if src == dst or (same_file is not None and same_file(fout)):
+            # As OpenSSH: copying a file onto itself could chase its own tail forever.
+            self._send_status(request_number, Status(SFTP_FAILURE, "Source and destination are the same file"))
+            return
         if getattr(fout, "writable", True) is False:
             self._send_status(request_number, Status(SFTP_PERMISSION_DENIED, "Handle not open for writing"))
             return
-        remaining = length  # 0: until EOF
-        while length == 0 or remaining > 0:
-            want = COPY_CHUNK if length == 0 else min(COPY_CHUNK, remaining)
+        until_eof = length == 0
+        remaining = length
+        while until_eof or remaining > 0:
+            want = COPY_CHUNK if until_eof else min(COPY_CHUNK, remaining)
             data = fin.read(read_offset, want)
-            if not isinstance(data, (bytes, bytearray)):
+            if not isinstance(data, (bytes, bytearray, memoryview)):
                 self._send_status(request_number, data)
                 return
             if not data:
                 break
-            status = fout.write(write_offset, data)
+            status = fout.write(write_offset, bytes(data))
             if status != SFTP_OK:
                 self._send_status(request_number, status)
                 return
             read_offset += len(data)
             write_offset += len(data)
             remaining -= len(data)
-        self._send_status(request_number, SFTP_OK)
+        # A source that ends before the requested length is EOF (draft-ietf-secsh-filexfer-extensions-00 7).
+        self._send_status(request_number, SFTP_OK if until_eof or remaining <= 0 else SFTP_EOF)

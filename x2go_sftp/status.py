@@ -14,8 +14,14 @@ from paramiko.sftp import (
     SFTP_PERMISSION_DENIED,
 )
 
-_NO_SUCH_FILE = {errno.ENOENT, errno.ENOTDIR}
-_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+# errno -> SFTP v3 status.  OpenSSH's sftp-server (errno_to_portable) maps
+# ENOENT, ENOTDIR, EBADF and ELOOP to NO_SUCH_FILE, EPERM/EACCES/EFAULT to
+# PERMISSION_DENIED and ENOSYS to OP_UNSUPPORTED; we add EROFS (a read-only
+# filesystem is a refusal, not a failure) and EOPNOTSUPP.  OpenSSH answers
+# EINVAL and ENAMETOOLONG with BAD_MESSAGE, which sshfs turns into EBADMSG;
+# we keep those FAILURE with the errno text, since the message was fine.
+_NO_SUCH_FILE = {errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EFAULT}
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
