@@ -54,6 +54,7 @@ def _status_on_error(fn: Callable[..., T]) -> Callable[..., T | Status]:
 
 def _attributes(st: os.stat_result, filename: str | None = None) -> SFTPAttributes:
     attr = SFTPAttributes.from_stat(st)
+    attr.st_nlink = st.st_nlink  # for the engine's "ls -l" long name
     if filename is not None:
         attr.filename = filename
     return attr
@@ -178,6 +179,13 @@ class FileHandle(paramiko.SFTPHandle):
             return os.fstatvfs(self._live())
         except OSError as e:
             return from_oserror(e)
+
+    def same_file(self, other: Any) -> bool:
+        """True if ``other`` is an open handle on the same file (copy-data refuses that)."""
+        if not isinstance(other, FileHandle) or self.fd < 0 or other.fd < 0:
+            return False
+        a, b = os.fstat(self.fd), os.fstat(other.fd)
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 class DirHandle(paramiko.SFTPHandle):
@@ -441,7 +449,12 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
                         raise
                     _rename_noreplace(old, new)
                 else:
-                    os.unlink(old.name, dir_fd=old.dir_fd)  # type: ignore[arg-type]
+                    try:
+                        os.unlink(old.name, dir_fd=old.dir_fd)  # type: ignore[arg-type]
+                    except OSError:
+                        # As OpenSSH: undo the link so the file keeps exactly one name.
+                        os.unlink(new.name, dir_fd=new.dir_fd)  # type: ignore[arg-type]
+                        raise
             else:
                 _rename_noreplace(old, new)
             return OK
