@@ -332,6 +332,25 @@ def test_packet_without_request_id_closes_session(raw: RawSFTP) -> None:
     assert raw.closed()
 
 
+def test_exit_status_like_sshd_reports_sftp_server(
+        raw_factory: Callable[[], tuple[paramiko.Transport, RawSFTP]]) -> None:
+    # The client's EOF ends the session normally: exit status 0 (scp fails without one).
+    _, client = raw_factory()
+    client.init()
+    client.chan.shutdown_write()
+    assert client.closed() and client.chan.recv_exit_status() == 0
+    # An oversized packet: 11, as OpenSSH's sftp-server exits.
+    _, client = raw_factory()
+    client.init()
+    client.send_raw(u32(eng.MAX_PACKET_LENGTH + 1))
+    assert client.closed() and client.chan.recv_exit_status() == 11
+    # Any other framing error: 255.
+    _, client = raw_factory()
+    client.init()
+    client.send_raw(u32(2) + bytes((STAT,)) + b"\0")
+    assert client.closed() and client.chan.recv_exit_status() == 255
+
+
 def test_empty_packet_closes_session(raw: RawSFTP) -> None:
     raw.send_raw(u32(0))
     assert raw.closed()

@@ -116,6 +116,14 @@ SSHFS_MAX_REPLY = 128 * 1024
 READDIR_MAX_NAMES = 100
 READDIR_MAX_BYTES = 64 * 1024
 
+# Exit statuses sent on the session channel when the subsystem ends, as sshd
+# reports OpenSSH's sftp-server exiting: 0 at the client's EOF, 11 for an
+# oversized packet (sftp_server_cleanup_exit(11)), 255 for any other fatal
+# protocol error (fatal()).  scp and ssh treat a missing exit status as failure.
+EXIT_OK = 0
+EXIT_PACKET_TOO_LARGE = 11
+EXIT_PROTOCOL_ERROR = 255
+
 # copy-data moves data in chunks of this size between two open handles (as OpenSSH).
 COPY_CHUNK = 64 * 1024
 
@@ -299,6 +307,7 @@ class SFTPEngine(paramiko.SFTPServer):
         self.xlog = log.tagged(kwargs.get("logger"), "sftp")
         self.username: str | None = getattr(server, "username", None)
         self.requests: Counter[str] = Counter()
+        self.exit_status = EXIT_OK
         self._names: dict[tuple[str, int], str] = {}
         self._handlers: dict[int, Callable[[int, Reader], None]] = {
             CMD_OPEN: self._do_open,
@@ -390,8 +399,7 @@ class SFTPEngine(paramiko.SFTPServer):
         except (EOFError, ChannelGone):
             return
         except (SFTPError, BadMessage, OSError) as e:
-            self.xlog(f"closing sFTP session on {channel} during INIT: {e}", loglevel=log.loglevel_WARN)
-            channel.close()
+            self._fatal(channel, f"during INIT: {e}", EXIT_PROTOCOL_ERROR)
             return
         self.server.session_started()
         self._serve(channel)
@@ -402,17 +410,17 @@ class SFTPEngine(paramiko.SFTPServer):
                 t, data = self._read_packet()
             except EOFError:
                 return
-            except (PacketTooLarge, BadMessage) as e:
-                self.xlog(f"closing sFTP session on {channel}: {e}", loglevel=log.loglevel_WARN)
-                channel.close()
+            except PacketTooLarge as e:
+                self._fatal(channel, str(e), EXIT_PACKET_TOO_LARGE)
+                return
+            except BadMessage as e:
+                self._fatal(channel, str(e), EXIT_PROTOCOL_ERROR)
                 return
             except Exception as e:  # socket errors, a closed channel
                 self.xlog(f"sFTP session on {channel} ended: {e}", loglevel=log.loglevel_DEBUG)
                 return
             if len(data) < 4:
-                self.xlog(f"closing sFTP session on {channel}: packet without request id",
-                          loglevel=log.loglevel_WARN)
-                channel.close()
+                self._fatal(channel, "packet without request id", EXIT_PROTOCOL_ERROR)
                 return
             request_number = _U32.unpack_from(data)[0]
             try:
@@ -434,6 +442,11 @@ class SFTPEngine(paramiko.SFTPServer):
                 self.xlog(f"sFTP request {CMD_NAMES.get(t, t)} failed: {e!r}", loglevel=log.loglevel_ERROR)
                 if not self._try_status(request_number, Status(SFTP_FAILURE, "Internal error")):
                     return
+
+    def _fatal(self, channel: paramiko.Channel, why: str, exit_status: int) -> None:
+        """Log why the session ends; finish_subsystem() reports ``exit_status`` and closes."""
+        self.xlog(f"closing sFTP session on {channel}: {why}", loglevel=log.loglevel_WARN)
+        self.exit_status = exit_status
 
     def _try_status(self, request_number: int, status: Status) -> bool:
         try:
@@ -472,6 +485,10 @@ class SFTPEngine(paramiko.SFTPServer):
         if self.requests and self.xlog.enabled(log.loglevel_DEBUG):
             summary = " ".join(f"{k}={v}" for k, v in sorted(self.requests.items()))
             self.xlog(f"sFTP session ended; requests: {summary}", loglevel=log.loglevel_DEBUG)
+        try:
+            self.sock.send_exit_status(self.exit_status)
+        except Exception:
+            pass  # the channel is already gone
         try:
             self.sock.close()
         except Exception:

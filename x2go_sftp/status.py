@@ -16,13 +16,15 @@ from paramiko.sftp import (
 
 # errno -> SFTP v3 status.  OpenSSH's sftp-server (errno_to_portable) maps
 # ENOENT, ENOTDIR, EBADF and ELOOP to NO_SUCH_FILE, EPERM/EACCES/EFAULT to
-# PERMISSION_DENIED and ENOSYS to OP_UNSUPPORTED; we add EROFS (a read-only
-# filesystem is a refusal, not a failure) and EOPNOTSUPP.  OpenSSH answers
-# EINVAL and ENAMETOOLONG with BAD_MESSAGE, which sshfs turns into EBADMSG;
-# we keep those FAILURE with the errno text, since the message was fine.
+# PERMISSION_DENIED, ENOSYS to OP_UNSUPPORTED and everything else to FAILURE;
+# we add EROFS (a read-only filesystem is a refusal, not a failure).  The
+# kernel's EOPNOTSUPP (chmod of a symlink) stays FAILURE, as OpenSSH: the
+# request is one we do; this file system cannot.  OpenSSH answers EINVAL and
+# ENAMETOOLONG with BAD_MESSAGE, which sshfs turns into EBADMSG; we keep those
+# FAILURE with the errno text, since the message itself was fine.
 _NO_SUCH_FILE = {errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EFAULT}
-_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+_UNSUPPORTED = {errno.ENOSYS}
 
 
 class Status(int):
