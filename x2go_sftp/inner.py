@@ -35,6 +35,7 @@ class TunedSFTPEngine(SFTPEngine):
         # paramiko builds subsystem handlers in the transport's own thread,
         # before it confirms the subsystem: the one safe moment to swap the pipe.
         tuning.use_chunk_pipe(channel)
+        tuning.fit_inner_packets(channel)
         super().__init__(channel, *args, **kwargs)
 
 

@@ -92,6 +92,9 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
             small SSH packet waits for a delayed ACK (~40 ms).  It changes
             only the latency of small packets on the connection; pass False
             to leave the socket as the caller made it.
+        outer_gcm: opt-in: renegotiate ``ssh_transport`` to prefer AES-GCM
+            (when paramiko and the server have it), the cheapest cipher per
+            byte.  Off by default: it changes the caller's connection.
     """
 
     _log_tag = __NAME__
@@ -109,6 +112,7 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         host_key: paramiko.PKey | None = None,
         username: str | None = None,
         tcp_nodelay: bool = True,
+        outer_gcm: bool = False,
     ):
         super().__init__(server_port, rforward.FORWARD_ADDRESS, 0, ssh_transport,
                          session_instance=session_instance, logger=logger, loglevel=loglevel)
@@ -119,6 +123,8 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         self.username = username
         if tcp_nodelay:
             tuning.set_tcp_nodelay(ssh_transport, self.logger)
+        if outer_gcm:
+            tuning.rekey_outer_to_gcm(ssh_transport, self.logger)
 
     def add_export(self, path: str, read_only: bool = False) -> None:
         """Serve the local directory ``path`` (absolute) from now on."""

@@ -42,6 +42,17 @@ INNER_MAX_PACKET_SIZE = paramiko.common.DEFAULT_MAX_PACKET_SIZE
 # Replace paramiko's BufferedPipe on the channels we own with ChunkPipe.
 USE_CHUNK_PIPE = True
 
+# Bytes an inner SSH packet adds around CHANNEL_DATA payload, at most: message
+# header (9), length and padding length (5), padding (<= 16 + 3) and a MAC of up
+# to 64 bytes (hmac-sha2-512); rounded up.
+INNER_PACKET_OVERHEAD = 128
+
+# paramiko's Channel sends at most out_max_packet_size - 64 bytes per packet.
+_PARAMIKO_PACKET_SLACK = 64
+
+# Shrink inner data packets so each fits one packet of the outer channel.
+FIT_INNER_PACKETS = True
+
 
 def set_tcp_nodelay(transport: Any, logger: log.LoggerLike | None = None) -> bool:
     """Set TCP_NODELAY on the socket under a paramiko ``Transport``.
@@ -87,6 +98,64 @@ def prefer_fast_ciphers(transport: paramiko.Transport) -> tuple[str, ...]:
     if wanted:
         options.ciphers = wanted
     return tuple(options.ciphers)
+
+
+def fit_inner_packets(inner_chan: paramiko.Channel) -> int | None:
+    """Cap ``inner_chan``'s outgoing data packets so each inner SSH packet fits one outer packet.
+
+    The client (sshfs) allows 32 KiB packets and so does sshd on the outer
+    forwarded channel; a full inner packet is 32 KiB *plus* its headers and MAC,
+    so it crossed the outer channel as a full packet and a ~100-byte runt, and
+    a 32 KiB READ reply went out as three outer packets (three sends, three TCP
+    segments, three wake-ups of sshd).  Capped, it goes out as two.
+
+    Returns:
+        the new payload limit, or None if the transport's socket is not a
+        channel (nothing to fit).
+    """
+    transport = inner_chan.get_transport()
+    outer = getattr(transport, "sock", None)
+    outer_max = getattr(outer, "out_max_packet_size", None)
+    if not FIT_INNER_PACKETS or not isinstance(outer_max, int) or outer_max <= 0:
+        return None
+    outer_payload = outer_max - _PARAMIKO_PACKET_SLACK
+    payload = outer_payload - INNER_PACKET_OVERHEAD
+    if payload < 1024:  # an absurdly small outer packet: splitting is cheaper than tiny packets
+        return None
+    with inner_chan.lock:
+        current = inner_chan.out_max_packet_size - _PARAMIKO_PACKET_SLACK
+        if payload < current:
+            inner_chan.out_max_packet_size = payload + _PARAMIKO_PACKET_SLACK
+    return min(payload, current)
+
+
+def rekey_outer_to_gcm(transport: paramiko.Transport, logger: log.LoggerLike | None = None) -> bool:
+    """Opt-in: renegotiate the caller's transport to prefer AES-GCM, if both ends have it.
+
+    The outer connection's cipher (paramiko's default aes128-ctr with
+    hmac-sha2-256) is the largest single CPU cost left per byte moved.  This
+    changes the caller's transport for all its channels, so it is never done
+    unless asked for.  Old ciphers stay offered after GCM, so a server
+    without GCM keeps the current choice.
+
+    Returns:
+        True if a rekey was done and the transport now uses GCM.
+    """
+    xlog = log.tagged(logger, "tuning")
+    supported = getattr(transport, "_cipher_info", {})
+    gcm = tuple(c for c in PREFERRED_CIPHERS if c in supported)
+    if not gcm or not transport.is_active():
+        return False
+    options = transport.get_security_options()
+    options.ciphers = gcm + tuple(c for c in options.ciphers if c not in gcm)
+    try:
+        transport.renegotiate_keys()
+    except (paramiko.SSHException, OSError, EOFError) as e:
+        xlog(f"outer rekey failed: {e}", loglevel=log.loglevel_WARN)
+        return False
+    now = getattr(transport, "local_cipher", "")
+    xlog(f"outer transport now uses {now}", loglevel=log.loglevel_DEBUG)
+    return now in gcm
 
 
 class ChunkPipe(BufferedPipe):

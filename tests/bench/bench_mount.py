@@ -10,6 +10,8 @@ with X2Go's exact options.  Variants, each in its own process:
 
 * ``gevent``  this library, gevent monkey-patched (how python-x2go runs)
 * ``threads`` this library, plain threads
+* ``gevent-gcm`` this library under gevent with the opt-in ``outer_gcm=True``
+  (python-x2go's connection rekeyed to AES-GCM)
 * ``openssh`` the all-OpenSSH tunnel: ``ssh -R`` (with a command running) to the
   same sshd, ending at a second local sshd whose sftp-server serves the folder
 * ``legacy``  the 2014 design of python-x2go's sftpserver (tests/bench/legacy.py), under gevent
@@ -56,7 +58,7 @@ REMOTE_COMMAND = "sleep 100000"
 # Extra mounts for the idle-RSS and concurrency measurements.
 PARALLEL_MOUNTS = 8
 
-VARIANTS = ("gevent", "threads", "openssh", "legacy", "direct")
+VARIANTS = ("gevent", "threads", "gevent-gcm", "openssh", "legacy", "direct")
 
 
 @dataclass
@@ -119,15 +121,18 @@ class Bench:
 
     # -- endpoints ---------------------------------------------------------------
     def endpoint(self, variant: str) -> Endpoint:
+        if variant == "gevent-gcm":
+            return self._worker("gevent", "--outer-gcm")
         if variant in ("gevent", "threads", "legacy"):
             return self._worker(variant)
         if variant == "openssh":
             return self._openssh_tunnel()
         return self._direct()
 
-    def _worker(self, mode: str) -> Endpoint:
+    def _worker(self, mode: str, *extra: str) -> Endpoint:
         env = dict(os.environ, BENCH_EXPORT=str(self.data), PYTHONPATH=str(Path(__file__).parents[2]))
-        cmd = [sys.executable, "-m", "tests.bench.worker", mode, str(self.x2go.port), str(self.keys.workdir)]
+        cmd = [sys.executable, "-m", "tests.bench.worker", mode, str(self.x2go.port), str(self.keys.workdir),
+               *extra]
         if self.disable and mode != "legacy":
             cmd += ["--disable", self.disable]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -442,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds over all variants (default 3, short 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--disable", default="",
-                        help="switch library optimisations off: nodelay,gcm,pipe,window")
+                        help="switch library optimisations off: nodelay,gcm,pipe,window,fit")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of the library here")
     parser.add_argument("--json", type=Path, default=None, help="also write all raw figures here")
     args = parser.parse_args(argv)

@@ -7,7 +7,8 @@ gevent-patched).  The worker logs into the X2Go-server sshd with paramiko,
 runs a long command on the connection (python-x2go always has one), starts
 the tunnel and prints one JSON line ``{"port": N}``.  It exits when its
 standard input closes.  ``--disable`` switches single optimisations off to
-measure what each buys (nodelay, gcm, pipe, window).
+measure what each buys (nodelay, gcm, pipe, window, fit); ``--outer-gcm``
+turns on the opt-in rekey of the outer connection to AES-GCM.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def disable(names: list[str]) -> None:
         elif name == "window":
             tuning.INNER_WINDOW_SIZE = paramiko.common.DEFAULT_WINDOW_SIZE
             tuning.INNER_MAX_PACKET_SIZE = paramiko.common.DEFAULT_MAX_PACKET_SIZE
+        elif name == "fit":
+            tuning.FIT_INNER_PACKETS = False
         elif name != "nodelay" and name:
             raise SystemExit(f"unknown optimisation {name!r}")
 
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("keydir", type=Path)
     parser.add_argument("--disable", default="")
     parser.add_argument("--user", default="root")
+    parser.add_argument("--outer-gcm", action="store_true")
     args = parser.parse_args()
     off = [n for n in args.disable.split(",") if n]
 
@@ -96,7 +100,7 @@ def main() -> None:
         from x2go_sftp import X2GoRevFwTunnelToSFTP
 
         export = os.environ.get("BENCH_EXPORT", "/")
-        kwargs = {"tcp_nodelay": False} if "nodelay" in off else {}
+        kwargs = {"tcp_nodelay": "nodelay" not in off, "outer_gcm": args.outer_gcm}
         tunnel = X2GoRevFwTunnelToSFTP(0, transport, auth_key=session_key, exports=[export],
                                        host_key=host_key, username=args.user, **kwargs)
         tunnel.start()

@@ -1,0 +1,223 @@
+"""Tuning: ChunkPipe semantics, where pipes are swapped, TCP_NODELAY, ciphers, packet fitting, outer rekey.
+
+Speed itself is measured by ``python -m tests.bench.bench_mount`` and never
+asserted here; these tests check that each optimisation is in effect (or
+cleanly absent where paramiko lacks what it needs) and keeps data intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import threading
+
+import paramiko
+import pytest
+from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
+
+from x2go_sftp import tuning
+
+HAS_GCM = "aes128-gcm@openssh.com" in paramiko.Transport._cipher_info
+
+
+# -- ChunkPipe -------------------------------------------------------------------
+def test_chunk_pipe_reads_across_and_within_chunks():
+    pipe = tuning.ChunkPipe()
+    pipe.feed(b"abc")
+    pipe.feed(b"defgh")
+    pipe.feed(bytearray(b"ij"))
+    assert len(pipe) == 10 and pipe.read_ready()
+    assert pipe.read(2) == b"ab"
+    assert pipe.read(4) == b"cdef"
+    assert pipe.read(100) == b"ghij"
+    assert len(pipe) == 0 and not pipe.read_ready()
+
+
+def test_chunk_pipe_matches_buffered_pipe_on_random_traffic():
+    rng = random.Random(5)
+    ours, theirs = tuning.ChunkPipe(), BufferedPipe()
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            data = rng.randbytes(rng.randint(0, 40000))
+            ours.feed(data)
+            theirs.feed(data)
+        elif len(theirs):
+            n = rng.randint(1, 70000)
+            assert ours.read(n, timeout=0) == theirs.read(n, timeout=0)
+        assert len(ours) == len(theirs)
+    assert ours.empty() == theirs.empty()
+    assert len(ours) == 0
+
+
+def test_chunk_pipe_timeouts_and_close():
+    pipe = tuning.ChunkPipe()
+    with pytest.raises(PipeTimeout):
+        pipe.read(10, timeout=0.0)
+    with pytest.raises(PipeTimeout):
+        pipe.read(10, timeout=0.01)  # bounded wait on an empty pipe
+    pipe.feed(b"tail")
+    pipe.close()
+    assert pipe.read(10) == b"tail"  # buffered data survives close
+    assert pipe.read(10) == b""  # then EOF, without blocking
+    assert pipe.read(10, timeout=0.0) == b""
+
+
+def test_chunk_pipe_wakes_a_blocked_reader():
+    pipe = tuning.ChunkPipe()
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(pipe.read(100)))
+    reader.start()
+    pipe.feed(b"wake up")
+    reader.join(10)
+    assert not reader.is_alive() and got == [b"wake up"]
+    closer = threading.Thread(target=lambda: got.append(pipe.read(100)))
+    closer.start()
+    pipe.close()
+    closer.join(10)
+    assert not closer.is_alive() and got[-1] == b""
+
+
+def test_chunk_pipe_event_follows_data_like_buffered_pipe():
+    pipe = tuning.ChunkPipe()
+    event = threading.Event()
+    pipe.feed(b"x")
+    pipe.set_event(event)
+    assert event.is_set()  # data already there
+    assert pipe.read(1) == b"x"
+    assert not event.is_set()  # drained
+    pipe.feed(b"yz")
+    assert event.is_set()
+    pipe.read(1)
+    assert event.is_set()  # one byte left
+    pipe.read(1)
+    pipe.close()
+    assert event.is_set()  # EOF is readable
+
+
+# -- where the pipes are swapped ------------------------------------------------------
+def test_use_chunk_pipe_refuses_outside_the_transport_thread(outer):
+    chan = outer.open_session()
+    try:
+        assert isinstance(chan.in_buffer, BufferedPipe)
+        assert tuning.use_chunk_pipe(chan) is False  # this test thread is not the transport's
+        assert type(chan.in_buffer) is BufferedPipe
+    finally:
+        chan.close()
+
+
+def _inner_transport(tunnel) -> paramiko.Transport:
+    threads = list(tunnel.open_channels.values())
+    assert len(threads) == 1
+    inner = threads[0].inner_transport
+    assert inner is not None
+    return inner
+
+
+def test_tunnel_channels_use_chunk_pipes_and_keep_data_intact(make_tunnel, connect, export_dir):
+    tunnel = make_tunnel([export_dir])
+    client = connect(tunnel)
+    payload = os.urandom(3 * 1024 * 1024 + 123)
+    with client.open(f"{export_dir}/up.bin", "wb") as f:
+        f.set_pipelined(True)
+        f.write(payload)
+    with open(os.path.join(export_dir, "up.bin"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(payload).digest()
+    with client.open(f"{export_dir}/up.bin", "rb") as f:
+        f.prefetch()
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(payload).digest()
+    inner = _inner_transport(tunnel)
+    forwarded = inner.sock  # the outer transport's forwarded-tcpip channel
+    assert isinstance(forwarded.in_buffer, tuning.ChunkPipe)
+    sessions = [c for c in inner._channels.values() if c.active]
+    assert sessions and all(isinstance(c.in_buffer, tuning.ChunkPipe) for c in sessions)
+
+
+def test_inner_data_packets_fit_one_outer_packet(make_tunnel, connect, export_dir):
+    tunnel = make_tunnel([export_dir])
+    connect(tunnel).listdir(export_dir)
+    inner = _inner_transport(tunnel)
+    outer_payload = inner.sock.out_max_packet_size - 64
+    session = next(c for c in inner._channels.values() if c.active)
+    inner_payload = session.out_max_packet_size - 64
+    # A full inner data packet, with every header and the MAC, fits one outer packet.
+    assert inner_payload + tuning.INNER_PACKET_OVERHEAD <= outer_payload
+    assert inner_payload >= outer_payload - 2 * tuning.INNER_PACKET_OVERHEAD  # and is not needlessly small
+
+
+def test_inner_window_is_ours(make_tunnel, connect, export_dir):
+    tunnel = make_tunnel([export_dir])
+    connect(tunnel).listdir(export_dir)
+    inner = _inner_transport(tunnel)
+    assert inner.default_window_size == tuning.INNER_WINDOW_SIZE
+
+
+# -- ciphers ---------------------------------------------------------------------------
+def test_inner_transport_negotiates_gcm_where_paramiko_has_it(make_tunnel, connect, export_dir):
+    tunnel = make_tunnel([export_dir])
+    connect(tunnel).listdir(export_dir)
+    inner = _inner_transport(tunnel)
+    if HAS_GCM:
+        assert inner.local_cipher == inner.remote_cipher == "aes128-gcm@openssh.com"
+    else:  # paramiko < 3.3: paramiko's own defaults, and the session works
+        assert inner.local_cipher in paramiko.Transport._preferred_ciphers
+
+
+def test_prefer_fast_ciphers_leaves_defaults_without_gcm(monkeypatch):
+    t = paramiko.Transport(socket.socketpair()[0])
+    try:
+        default = tuple(t.get_security_options().ciphers)
+        monkeypatch.setattr(tuning, "PREFERRED_CIPHERS", ("no-such-cipher",))
+        assert tuning.prefer_fast_ciphers(t) == default
+    finally:
+        t.close()
+
+
+# -- the caller's transport --------------------------------------------------------------
+def _nodelay(transport: paramiko.Transport) -> int:
+    return transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_tcp_nodelay_is_set_on_the_outer_socket_by_default(make_tunnel, outer):
+    assert _nodelay(outer) == 0  # paramiko leaves it off
+    make_tunnel()
+    assert _nodelay(outer) == 1
+
+
+def test_tcp_nodelay_opt_out_leaves_the_socket_alone(make_tunnel, outer):
+    make_tunnel(tcp_nodelay=False)
+    assert _nodelay(outer) == 0
+
+
+def test_set_tcp_nodelay_ignores_non_tcp_transports():
+    a, b = socket.socketpair()
+    try:
+        class Fake:
+            sock = a
+
+        assert tuning.set_tcp_nodelay(Fake()) is False
+        assert tuning.set_tcp_nodelay(object()) is False
+    finally:
+        a.close()
+        b.close()
+
+
+def test_outer_cipher_untouched_unless_opted_in(make_tunnel, connect, outer, export_dir):
+    before = outer.local_cipher
+    connect(make_tunnel([export_dir])).listdir(export_dir)
+    assert outer.local_cipher == before
+
+
+def test_outer_gcm_opt_in_rekeys_and_the_connection_keeps_working(make_tunnel, connect, outer, export_dir):
+    tunnel = make_tunnel([export_dir], outer_gcm=True)
+    if HAS_GCM:
+        assert outer.local_cipher == outer.remote_cipher == "aes128-gcm@openssh.com"
+    else:
+        assert outer.local_cipher in paramiko.Transport._preferred_ciphers
+    client = connect(tunnel)
+    payload = os.urandom(200_000)
+    with client.open(f"{export_dir}/after-rekey.bin", "wb") as f:
+        f.write(payload)
+    with client.open(f"{export_dir}/after-rekey.bin", "rb") as f:
+        assert f.read() == payload
