@@ -94,7 +94,9 @@ class Result:
 
 
 class Bench:
-    def __init__(self, work: Path, sizes: Sizes, disable: str, profile_dir: Path | None):
+    def __init__(self, work: Path, sizes: Sizes, disable: str, profile_dir: Path | None,
+                 settings: list[str] | None = None):
+        self.settings = settings or []
         self.work = work
         self.sizes = sizes
         self.disable = disable
@@ -135,6 +137,8 @@ class Bench:
                *extra]
         if self.disable and mode != "legacy":
             cmd += ["--disable", self.disable]
+        if mode != "legacy":
+            cmd += [f"--set={item}" for item in self.settings]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert proc.stdout is not None and proc.stdin is not None
         line = proc.stdout.readline()
@@ -448,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--disable", default="",
                         help="switch library optimisations off: nodelay,gcm,pipe,window,fit")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
+                        help="override an integer constant of x2go_sftp.tuning in the library workers")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of the library here")
     parser.add_argument("--json", type=Path, default=None, help="also write all raw figures here")
     args = parser.parse_args(argv)
@@ -462,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {sorted(unknown)}")
     results: dict[str, list[Result]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="x2go-bench-") as tmp:
-        bench = Bench(Path(tmp), sizes, args.disable, args.profile)
+        bench = Bench(Path(tmp), sizes, args.disable, args.profile, args.set)
         try:
             for rnd in range(rounds):
                 for v in variants:
@@ -475,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.close()
     print()
     print(f"# {rounds} round(s), {'short' if args.short else 'full'} mode, load {os.getloadavg()[0]:.2f}"
-          + (f", library optimisations disabled: {args.disable}" if args.disable else ""))
+          + (f", library optimisations disabled: {args.disable}" if args.disable else "")
+          + (f", tuning overrides: {' '.join(args.set)}" if args.set else ""))
     print(report(results, sizes))
     if args.json:
         args.json.write_text(json.dumps({v: [r.values for r in rs] for v, rs in results.items()}, indent=1))

@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--disable", default="")
     parser.add_argument("--user", default="root")
     parser.add_argument("--outer-gcm", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
+                        help="override an integer constant of x2go_sftp.tuning (experiments)")
     args = parser.parse_args()
     off = [n for n in args.disable.split(",") if n]
 
@@ -97,6 +99,13 @@ def main() -> None:
         stop = tunnel.stop
     else:
         disable(off)
+        from x2go_sftp import tuning
+
+        for item in args.set:
+            name, _, value = item.partition("=")
+            if not isinstance(getattr(tuning, name, None), int):
+                raise SystemExit(f"no integer tuning constant {name!r}")
+            setattr(tuning, name, int(value))
         from x2go_sftp import X2GoRevFwTunnelToSFTP
 
         export = os.environ.get("BENCH_EXPORT", "/")
