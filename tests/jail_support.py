@@ -47,7 +47,12 @@ SECRET = b"SECRET-outside-7f3a9c"
 DENIED_TEXT = "Permission denied"
 
 READ, WRITE, CREATE, TRUNC, APPEND, EXCL = (
-    SFTP_FLAG_READ, SFTP_FLAG_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_TRUNC, SFTP_FLAG_APPEND, SFTP_FLAG_EXCL,
+    SFTP_FLAG_READ,
+    SFTP_FLAG_WRITE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_TRUNC,
+    SFTP_FLAG_APPEND,
+    SFTP_FLAG_EXCL,
 )
 
 # SFTP v3 packet types (draft-ietf-secsh-filexfer-02).
@@ -333,8 +338,14 @@ def _to_attr(a: dict[str, int] | None) -> SFTPAttributes:
 
 def _from_attr(attr: Any) -> dict[str, int]:
     _check(attr)
-    return {"size": attr.st_size, "uid": attr.st_uid, "gid": attr.st_gid, "mode": attr.st_mode,
-            "atime": int(attr.st_atime), "mtime": int(attr.st_mtime)}
+    return {
+        "size": attr.st_size,
+        "uid": attr.st_uid,
+        "gid": attr.st_gid,
+        "mode": attr.st_mode,
+        "atime": int(attr.st_atime),
+        "mtime": int(attr.st_mtime),
+    }
 
 
 class BackendClient:
@@ -501,26 +512,38 @@ class Sandbox:
     """``base/export`` (rw export, home), ``base/ro`` (read-only export) and secrets around them."""
 
     base: Path
-    exports: Exports = field(init=False)
+    #: Reused when given (a long-lived tunnel's registry): cleared, then filled.
+    exports: Exports = field(default_factory=Exports)
 
     def __post_init__(self) -> None:
         b = self.base
         self.export = b / "export"
         self.ro = b / "ro"
         self.outside = b / "outside"
-        for d in (self.export / "sub" / "deeper", self.ro / "rodir", self.outside / "dir", self.outside / "empty",
-                  b / "export-evil"):
+        for d in (
+            self.export / "sub" / "deeper",
+            self.ro / "rodir",
+            self.outside / "dir",
+            self.outside / "empty",
+            b / "export-evil",
+        ):
             d.mkdir(parents=True, exist_ok=True)
         (self.export / "hello.txt").write_text("hello\n")
         (self.export / "sub" / "inside.txt").write_text("inside\n")
         (self.ro / "ro.txt").write_text("read only\n")
         (self.ro / "rodir" / "x.txt").write_text("x\n")
-        for f in (self.outside / "secret.txt", self.outside / "dir" / "inner.txt",
-                  b / "export-evil" / "secret.txt", b / "sibling.txt"):
+        for f in (
+            self.outside / "secret.txt",
+            self.outside / "dir" / "inner.txt",
+            b / "export-evil" / "secret.txt",
+            b / "sibling.txt",
+        ):
             f.write_bytes(SECRET + b"\n")
         os.chmod(self.outside / "secret.txt", 0o640)
         os.symlink("secret.txt", self.outside / "link")
-        self.exports = Exports([str(self.export), (str(self.ro), True)])
+        self.exports.clear()
+        self.exports.add(str(self.export))
+        self.exports.add(str(self.ro), read_only=True)
 
     # names the attacks use
     def e(self, *parts: str) -> str:
@@ -582,13 +605,23 @@ class Sandbox:
                     extra = hashlib.sha256(os.read(fd, 1 << 20)).hexdigest()
                 finally:
                     os.close(fd)
-            state[path] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
-                           st.st_mtime_ns, atime, extra)
+            state[path] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_nlink,
+                st.st_mtime_ns,
+                atime,
+                extra,
+            )
         return state
 
 
 def assert_unchanged(before: dict[str, tuple[Any, ...]], after: dict[str, tuple[Any, ...]]) -> None:
-    assert set(after) == set(before), f"created {set(after) - set(before)}, removed {set(before) - set(after)}"
+    assert set(after) == set(before), (
+        f"created {set(after) - set(before)}, removed {set(before) - set(after)}"
+    )
     changed = {p: (before[p], after[p]) for p in before if before[p] != after[p]}
     assert not changed, f"changed outside the writable export: {changed}"
 

@@ -13,12 +13,16 @@ answer for an outside path that exists with one that does not.
 Races live in tests/test_jail_races.py; pure path functions in tests/test_exports.py.
 """
 
+# Every lambda in a loop here is called at once by refusal()/denied(): B023 cannot bite.
+# ruff: noqa: B023
+
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import paramiko
 import pytest
 from paramiko.sftp import SFTP_PERMISSION_DENIED
 
@@ -34,7 +38,6 @@ from tests.jail_support import (
     BackendClient,
     Client,
     RawSFTP,
-    Refused,
     Sandbox,
     SFTPClientAPI,
     assert_unchanged,
@@ -44,6 +47,9 @@ from tests.jail_support import (
     read_file,
     refusal,
 )
+from x2go_sftp import X2GoRevFwTunnelToSFTP
+from x2go_sftp.exports import Exports
+from x2go_sftp.testing import LoopbackX2GoServer, sftp_client
 
 Attack = Callable[[Sandbox, Client], None]
 ATTACKS: dict[str, tuple[str, Attack]] = {}
@@ -54,6 +60,7 @@ def attack(category: str) -> Callable[[Attack], Attack]:
         assert fn.__name__ not in ATTACKS
         ATTACKS[fn.__name__] = (category, fn)
         return fn
+
     return register
 
 
@@ -132,7 +139,10 @@ def overlong_utf8_dots(sb: Sandbox, c: Client) -> None:
 
 @attack("path syntax")
 def nul_byte_truncation(sb: Sandbox, c: Client) -> None:
-    for p in (sb.e("hello.txt\x00/../../outside/secret.txt"), sb.o("secret.txt") + "\x00" + sb.e("hello.txt")):
+    for p in (
+        sb.e("hello.txt\x00/../../outside/secret.txt"),
+        sb.o("secret.txt") + "\x00" + sb.e("hello.txt"),
+    ):
         e = refusal(lambda: read_file(c, p))
         assert e.text == "Invalid argument", e.answer
     refusal(lambda: c.mkdir(sb.e("new\x00dir")))
@@ -170,6 +180,20 @@ def realpath_outside(sb: Sandbox, c: Client) -> None:
     denied(lambda: c.realpath("/"))
     denied(lambda: c.expand_path("~/../outside/secret.txt"))
     assert c.realpath(".") == str(sb.export)
+
+
+@attack("path syntax")
+def windows_forms_on_posix_client(sb: Sandbox, c: Client) -> None:
+    # python-x2go's Windows names mean nothing on a POSIX client: plain outside paths.
+    for p in (
+        "/windrive/c/Windows/win.ini",
+        "/windrive/c/../.." + sb.o("secret.txt"),
+        "/uncpath/srv/share/../../.." + sb.o("secret.txt"),
+    ):
+        denied(lambda: read_file(c, p))
+    # Relative, so under home; backslashes are name characters here: missing names inside.
+    no_such(lambda: read_file(c, "\\\\srv\\share\\x"))
+    no_such(lambda: read_file(c, sb.e("..\\..\\outside\\secret.txt")))
 
 
 # -- existence oracles -------------------------------------------------------------
@@ -414,8 +438,16 @@ def hardlink_in_and_out(sb: Sandbox, c: Client) -> None:
 
 @attack("rename/link")
 def symlink_creation_pointing_out(sb: Sandbox, c: Client) -> None:
-    for target in (sb.o("secret.txt"), "../outside/secret.txt", "sub/../../outside", "/", "..",
-                   str(sb.base / "export-evil"), sb.r("ro.txt"), "sub/deeper/../../../outside"):
+    for target in (
+        sb.o("secret.txt"),
+        "../outside/secret.txt",
+        "sub/../../outside",
+        "/",
+        "..",
+        str(sb.base / "export-evil"),
+        sb.r("ro.txt"),
+        "sub/deeper/../../../outside",
+    ):
         denied(lambda: c.symlink(target, sb.e("made")))
         assert not os.path.lexists(sb.e("made")), target
     os.symlink("../sub", sb.e("sub", "deeper", "s"))
@@ -449,8 +481,17 @@ def cross_export_operations(sb: Sandbox, c: Client) -> None:
 @attack("read-only")
 def read_only_open_flags(sb: Sandbox, c: Client) -> None:
     # CVE-2017-15906: OpenSSH allowed O_CREAT|O_TRUNC without write on a read-only server.
-    for flags in (WRITE, READ | WRITE, READ | TRUNC, TRUNC, READ | CREATE, CREATE, APPEND, READ | APPEND,
-                  WRITE | CREATE | EXCL):
+    for flags in (
+        WRITE,
+        READ | WRITE,
+        READ | TRUNC,
+        TRUNC,
+        READ | CREATE,
+        CREATE,
+        APPEND,
+        READ | APPEND,
+        WRITE | CREATE | EXCL,
+    ):
         denied(lambda: c.open(sb.r("ro.txt"), flags))
         denied(lambda: c.open(sb.r("new.txt"), flags))
     assert read_file(c, sb.r("ro.txt")) == b"read only\n"
@@ -536,22 +577,60 @@ def nothing_exported(sb: Sandbox, c: Client) -> None:
 
 
 # -- the suite ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tunnel_session(
+    session_key: paramiko.RSAKey, host_key: paramiko.RSAKey, local_user: str
+) -> Iterator[tuple[Exports, paramiko.Transport]]:
+    """One real session for the whole module: X2Go server -> our tunnel -> inner SSH server.
+
+    Built from the same parts as conftest's ``make_tunnel``/``connect``, but
+    once per module: the SSH handshakes would otherwise dominate the run.  Each
+    test gets a fresh SFTP channel on it and refills the shared ``Exports``.
+    """
+    exports = Exports()
+    server = LoopbackX2GoServer()
+    outer = server.connect()
+    tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=session_key, host_key=host_key, exports=exports)
+    tunnel.start()
+    try:
+        assert tunnel.wait_ready(30)
+        transport, _ = sftp_client(tunnel.server_port, session_key, local_user)
+        try:
+            yield exports, transport
+        finally:
+            transport.close()
+    finally:
+        tunnel.stop_thread()
+        tunnel.join(10)
+        outer.close()
+        server.close()
+        exports.clear()
+    assert not tunnel.is_alive()
+
+
+@pytest.fixture(params=["backend", "sftp"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def sandbox(tmp_path: Any) -> Iterator[Sandbox]:
-    sb = Sandbox(tmp_path)
+def sandbox(tmp_path: Any, mode: str, request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    if mode == "sftp":
+        exports, _ = request.getfixturevalue("tunnel_session")
+        sb = Sandbox(tmp_path, exports)
+    else:
+        sb = Sandbox(tmp_path)
     yield sb
     sb.exports.clear()
 
 
-@pytest.fixture(params=["backend", "sftp"])
-def client(request: pytest.FixtureRequest, sandbox: Sandbox) -> Iterator[Client]:
-    if request.param == "backend":
+@pytest.fixture
+def client(mode: str, sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[Client]:
+    if mode == "backend":
         yield BackendClient(sandbox.exports)
         return
-    make_tunnel = request.getfixturevalue("make_tunnel")
-    connect = request.getfixturevalue("connect")
-    sftp = connect(make_tunnel(sandbox.exports))
-    channel = sftp.get_channel().get_transport().open_session()
+    _, transport = request.getfixturevalue("tunnel_session")
+    channel = transport.open_session()
     channel.invoke_subsystem("sftp")
     raw = RawSFTP(channel)
     yield SFTPClientAPI(raw, str(sandbox.export))

@@ -24,7 +24,6 @@ from paramiko.sftp import SFTP_PERMISSION_DENIED
 from tests.jail_support import (
     CREATE,
     EXCL,
-    READ,
     SECRET,
     WRITE,
     Client,
@@ -33,7 +32,7 @@ from tests.jail_support import (
     assert_unchanged,
     read_file,
 )
-from tests.test_jail_attacks import client, sandbox  # noqa: F401  (fixtures)
+from tests.test_jail_attacks import client, mode, sandbox, tunnel_session  # noqa: F401  (fixtures)
 
 # The issue asks for a racer "swapping thousands of times".
 MIN_SWAPS = 2000
@@ -172,8 +171,11 @@ def test_directory_swapped_for_symlink(sandbox: Sandbox, client: Client) -> None
 
     sb.prime()
     before = sb.snapshot()
-    outcomes = race(c, Racer(lambda: exchange(sb.e("race"), sb.e("race.swap"))),
-                    [read, create, chmod, truncate, rename, remove, mkdir_rmdir, hardlink, listing])
+    outcomes = race(
+        c,
+        Racer(lambda: exchange(sb.e("race"), sb.e("race.swap"))),
+        [read, create, chmod, truncate, rename, remove, mkdir_rmdir, hardlink, listing],
+    )
     _restore(sb, "race")
     assert_unchanged(before, sb.snapshot())
     assert all(data == INSIDE for data in seen), {d for d in seen if d != INSIDE}
@@ -213,8 +215,9 @@ def test_final_component_swapped_for_symlink(sandbox: Sandbox, client: Client) -
 
     sb.prime()
     before = sb.snapshot()
-    outcomes = race(c, Racer(lambda: exchange(sb.e("f"), sb.e("f.swap"))),
-                    [read, write, chmod, truncate, times, lchmod])
+    outcomes = race(
+        c, Racer(lambda: exchange(sb.e("f"), sb.e("f.swap"))), [read, write, chmod, truncate, times, lchmod]
+    )
     _restore(sb, "f")
     assert_unchanged(before, sb.snapshot())
     assert all(data == INSIDE for data in seen), {d for d in seen if d != INSIDE}
@@ -298,7 +301,7 @@ def test_export_removed_and_readded(sandbox: Sandbox, client: Client) -> None:  
     assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
-def test_racer_is_effective(sandbox: Sandbox) -> None:
+def test_racer_is_effective(sandbox: Sandbox) -> None:  # noqa: F811
     """Without the jail's O_NOFOLLOW walk the same race does leak: the test can fail.
 
     A naive path-based check-then-open (realpath, prefix check, open) run
@@ -327,4 +330,3 @@ def test_racer_is_effective(sandbox: Sandbox) -> None:
         racer.join(30)
     _restore(sb, "race")
     assert leaked, "the racer never won against a naive check; the race tests would prove nothing"
-

@@ -114,8 +114,13 @@ def sftp_to_windows_local(sftp_path: str) -> str:
             Windows name (so ``a\\..\\b`` can never be handed to Win32).
     """
     parts = split_components(sftp_path)
-    if len(parts) >= 2 and parts[0] == "windrive" and len(parts[1]) == 1 \
-            and parts[1].isascii() and parts[1].isalpha():
+    if (
+        len(parts) >= 2
+        and parts[0] == "windrive"
+        and len(parts[1]) == 1
+        and parts[1].isascii()
+        and parts[1].isalpha()
+    ):
         return parts[1].upper() + ":\\" + "\\".join(_windows_parts(parts[2:], sftp_path))
     if len(parts) >= 3 and parts[0] == "uncpath":
         return "\\\\" + "\\".join(_windows_parts(parts[1:], sftp_path))
@@ -281,9 +286,7 @@ class Exports:
         with self._lock:
             for export in self._exports:
                 n = len(export.components)
-                if tuple(parts[:n]) == export.components and (
-                    best is None or n > len(best.components)
-                ):
+                if tuple(parts[:n]) == export.components and (best is None or n > len(best.components)):
                     best = export
         if best is None:
             raise PermissionError(errno.EACCES, "outside the exported folders")

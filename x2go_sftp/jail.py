@@ -32,7 +32,7 @@ import os
 import stat as stat_mod
 from types import TracebackType
 
-from .exports import MAX_PATH_BYTES, Export, Exports, split_components
+from .exports import MAX_PATH_BYTES, Export, Exports, split_components, windows_name_ok
 
 # Linux SYMLOOP_MAX (40): the kernel's own limit on links followed in one lookup.
 MAX_SYMLINKS = 40
@@ -248,16 +248,21 @@ class Jail:
         """
         if not target or "\x00" in target or len(os.fsencode(target)) > MAX_PATH_BYTES:
             return False
+        if self.exports.client_os == "Windows" and not all(
+            windows_name_ok(p) for p in target.split("/") if p not in ("", ".", "..")
+        ):
+            return False  # "..\\x" is one name here but two steps on Windows
         if target.startswith("/"):
             n = len(res.export.components)
             tparts = split_components(target)
             if tuple(tparts[:n]) != res.export.components:
                 return False
             start: list[str] = []
-            walk = target.split("/")[1:]  # physical ".." handling, not the lexical one
-            walk = self._below_export(res.export, walk)
-            if walk is None:
+            # The raw components, so the walk below sees ".." physically, not lexically.
+            below = self._below_export(res.export, target.split("/")[1:])
+            if below is None:
                 return False
+            walk = below
         else:
             depth = len(res.components) - 1  # directories between the root and the link
             for part in target.split("/"):
@@ -283,7 +288,7 @@ class Jail:
     @staticmethod
     def _below_export(export: Export, parts: list[str]) -> list[str] | None:
         """Strip the export's own name from an absolute target split on "/", or None."""
-        rest = [p for p in parts]
+        rest = list(parts)
         for want in export.components:
             while rest and rest[0] in ("", "."):
                 rest.pop(0)
