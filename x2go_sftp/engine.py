@@ -281,7 +281,7 @@ def _mode_string(mode: int) -> str:
 
 
 def _date_string(mtime: int | None, now: float) -> str:
-    if not mtime:
+    if mtime is None:
         return ""
     try:
         when = time.localtime(mtime)
@@ -576,7 +576,8 @@ class SFTPEngine(paramiko.SFTPServer):
         handle = req.handle()
         h = self.folder_table.pop(handle, None) or self.file_table.pop(handle, None)
         if h is None:
-            self._send_status(request_number, Status(SFTP_FAILURE, "Invalid handle"))
+            # As OpenSSH (its close() of no handle fails with ENOENT).
+            self._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "Invalid handle"))
             return
         result = h.close()
         # close() may report a deferred write error (NFS, quota): pass it on.
@@ -802,8 +803,9 @@ class SFTPEngine(paramiko.SFTPServer):
         self._send_statvfs(request_number, statvfs(), bool(read_only))
 
     def _ext_fsync(self, request_number: int, req: Reader) -> None:
-        f = self._file(request_number, req.handle())
+        f = self.file_table.get(req.handle())
         if f is None:
+            self._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "Invalid handle"))  # as OpenSSH
             return
         fsync = getattr(f, "fsync", None)
         self._send_status(request_number, fsync() if fsync is not None else SFTP_OP_UNSUPPORTED)
