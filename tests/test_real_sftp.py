@@ -326,10 +326,10 @@ def test_extensions_used_by_openssh_sftp(peer: Peer) -> None:
     """Runs last in this module: the extensions seen across all its sftp batches."""
     seen = {r for r in peer.runs if "@" in r or r in ("copy-data", "home-directory")}
     # sftp asks for limits at start, posix-rename for "rename", hardlink for "ln",
-    # statvfs for "df", copy-data for "cp", users-groups-by-id for "ls -l";
+    # statvfs for "df", copy-data for "cp", users-groups-by-id for "ls -l", lsetstat for "chmod -h";
     # scp asks for expand-path for "~/...".
     for ext in ("limits@openssh.com", "posix-rename@openssh.com", "hardlink@openssh.com",
                 "statvfs@openssh.com", "copy-data", "users-groups-by-id@openssh.com",
-                "expand-path@openssh.com"):
+                "lsetstat@openssh.com", "expand-path@openssh.com"):
         assert ext in seen, (ext, sorted(seen))
     print("extensions used by OpenSSH sftp:", " ".join(sorted(seen)))
