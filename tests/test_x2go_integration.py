@@ -1,0 +1,387 @@
+"""The real python-x2go, switched with ``x2go_sftp.integrate.install()``, against a real X2Go server.
+
+    tests/x2go/driver.py under Debian's Python (python3-x2go 0.6.1.3; paramiko 2.12,
+    or a venv of it with paramiko 3.5 / 5.1):
+        X2GoClient -> X2GoSession.connect -> real sshd on 127.0.0.1 (plays the X2Go server)
+        X2GoTerminalSession.start_sshfs / start_printing / start_mimebox,
+        X2GoSession.share_local_folder / unshare_local_folder
+            -> real x2gomountdirs / x2goumount-session (Debian's x2goserver)
+            -> real sshfs (X2Go's options) -> sshd -> reverse forward -> the tunnel
+
+What is real and what stands in (details in docs/python-x2go.md): everything
+on the byte path and every python-x2go and X2Go server call is the shipped
+code.  Stood in: ``x2gostartagent`` (the session is registered in the X2Go
+session database with the two helpers x2gostartagent itself calls, but no
+``x2goagent`` runs) and, on the client, ``nxproxy``; both are the graphical
+half of a session, need an X display, and take no part in folder sharing.
+The X2Go server's user is root (the only user these tests may log in as),
+with ``HOME`` set to a temporary directory by sshd's ``SetEnv``.
+
+The test suite's own Python cannot import python-x2go (it is installed for
+Debian's Python only, and importing it monkey-patches gevent into the test
+process), so the driver runs as a subprocess and the test checks the
+results itself: mounts in /proc/mounts, bytes through the server-side mount
+points, and OpenSSH's own ssh/sftp against the tunnel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+
+from tests.realpeers import SSHD, _free_port, require, run_sftp, wait_for_port
+from x2go_sftp.defaults import current_local_user
+
+pytestmark = pytest.mark.real
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = REPO / "tests" / "x2go" / "driver.py"
+CHECK_INSTALL = REPO / "tests" / "x2go" / "check_install.py"
+MARK = "@@x2go-driver "
+
+# Debian 12's python3-x2go runs on Debian's Python with Debian's paramiko 2.12.
+DEBIAN_PYTHON = os.environ.get("X2GO_SFTP_DEBIAN_PYTHON", "/usr/bin/python3")
+# Venvs of Debian's Python (--system-site-packages: python3-x2go, gevent) with another
+# paramiko; .ci/run creates them.
+VENV_PYTHONS = {
+    "paramiko-3.5": os.environ.get("X2GO_SFTP_PARAMIKO3_PYTHON",
+                                   str(REPO / ".venv-x2go-paramiko3" / "bin" / "python")),
+    "paramiko-5.1": os.environ.get("X2GO_SFTP_PARAMIKO5_PYTHON",
+                                   str(REPO / ".venv-x2go-paramiko5" / "bin" / "python")),
+}
+PYTHONS = {"debian-paramiko-2.12": DEBIAN_PYTHON, **VENV_PYTHONS}
+
+# Bounds for one driver step (python-x2go + x2gomountdirs + sshfs each take seconds).
+STEP_TIMEOUT = 120.0
+
+# X2Go server user's temporary mount tree (x2gomountdirs: /tmp/.x2go-$USER/...).
+X2GO_TMP_ROOT = Path(f"/tmp/.x2go-{current_local_user()}")
+
+
+def python_with_x2go(python: str) -> str:
+    """``python`` if it can import python-x2go; fail (not skip) otherwise, so CI cannot go green without."""
+    if not os.path.exists(python):
+        pytest.fail(f"{python} is missing: run .ci/run (it creates the python-x2go venvs)")
+    res = subprocess.run([python, "-c", "import x2go.sftpserver, paramiko; print(paramiko.__version__)"],
+                         capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        pytest.fail(f"{python} cannot import python-x2go (apt-get install python3-x2go): {res.stderr}")
+    return python
+
+
+# --------------------------------------------------------------------------------------
+# The X2Go server: a real sshd with the real x2goserver scripts
+# --------------------------------------------------------------------------------------
+@dataclass
+class X2GoServer:
+    port: int
+    client_key: Path
+    home: Path
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def x2go_server(tmp_path_factory: Any) -> Iterator[X2GoServer]:
+    """sshd on 127.0.0.1 for the X2Go server's user, HOME in a temporary directory."""
+    sshd = require("sshd")
+    require("ssh-keygen")
+    for script in ("x2gomountdirs", "x2goumount-session", "x2golistsessions", "x2gopath"):
+        require(script)
+    work = tmp_path_factory.mktemp("x2goserver")
+    home = work / "home"
+    home.mkdir()
+    host_key = work / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+    # python-x2go logs in with a key file (PEM RSA, which paramiko 2.12 reads).
+    client_key = work / "client_key"
+    key = paramiko.RSAKey.generate(2048)
+    key.write_private_key_file(str(client_key))
+    (work / "authorized_keys").write_text(f"{key.get_name()} {key.get_base64()}\n")
+    port = _free_port()
+    (work / "sshd_config").write_text(
+        f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile {work}/sshd.pid
+AuthorizedKeysFile {work}/authorized_keys
+PermitRootLogin yes
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+GatewayPorts no
+SetEnv HOME={home}
+Subsystem sftp internal-sftp
+LogLevel VERBOSE
+"""
+    )
+    os.makedirs("/run/sshd", exist_ok=True)
+    log_path = work / "sshd.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(work / "sshd_config")],
+                                stdout=log_file, stderr=log_file)
+    try:
+        wait_for_port(port)
+    except TimeoutError:
+        proc.kill()
+        pytest.fail(f"sshd did not start:\n{log_path.read_text()}")
+    yield X2GoServer(port, client_key, home, work)
+    proc.terminate()
+    proc.wait(10)
+
+
+def server_mounts() -> dict[str, str]:
+    """{source path on the client: mount point} of every sshfs mount to 127.0.0.1."""
+    mounts = {}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            source, target, fstype = line.split()[:3]
+            if fstype == "fuse.sshfs" and "@127.0.0.1:" in source:
+                mounts[source.split(":", 1)[1]] = target.replace("\\040", " ")
+    return mounts
+
+
+def forget_session(name: str) -> None:
+    """Unmount what x2gomountdirs mounted for ``name`` and drop its database row (teardown only)."""
+    for root in (X2GO_TMP_ROOT / "spool" / f"C-{name}", X2GO_TMP_ROOT / "mimebox" / f"C-{name}"):
+        subprocess.run(["fusermount", "-u", "-z", str(root)], capture_output=True)
+    subprocess.run(["x2goumount-session", name], capture_output=True, timeout=60)
+    subprocess.run(["perl", "-MX2Go::Server::DB=dbsys_rmsessionsroot", "-e", "dbsys_rmsessionsroot(shift)",
+                    name], capture_output=True, timeout=60)
+
+
+# --------------------------------------------------------------------------------------
+# The driver subprocess
+# --------------------------------------------------------------------------------------
+class Driver:
+    """tests/x2go/driver.py under a python-x2go Python, driven one step at a time."""
+
+    def __init__(self, python: str, cfg: dict[str, Any], stderr_path: Path):
+        self.stderr_path = stderr_path
+        self._stderr = open(stderr_path, "wb")
+        self.proc = subprocess.Popen([python, str(DRIVER), json.dumps(cfg)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1)
+        self._sel = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
+
+    def expect(self, event: str, timeout: float = STEP_TIMEOUT) -> dict[str, Any]:
+        """The next event, which must be ``event`` (bounded wait on the pipe, no sleeping)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sel.select(left):
+                pytest.fail(f"driver sent no {event!r} within {timeout}s:\n{self.stderr()}")
+            line = self.proc.stdout.readline()
+            if not line:
+                pytest.fail(f"driver ended before {event!r} (rc={self.proc.wait(30)}):\n{self.stderr()}")
+            if line.startswith(MARK):
+                data: dict[str, Any] = json.loads(line[len(MARK):])
+                assert data["event"] == event, f"expected {event!r}, got {data}\n{self.stderr()}"
+                return data
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text(errors="replace")[-6000:]
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            try:
+                self.send("quit")
+            except OSError:
+                pass
+            try:
+                self.proc.wait(STEP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._sel.close()
+        self._stderr.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def run_driver(x2go_server: X2GoServer, tmp_path: Path) -> Iterator[Any]:
+    """Start the driver for one session; the session is always torn down on the server."""
+    started: list[tuple[Driver, str]] = []
+
+    def start(python: str, mode: str, shares: list[str]) -> Driver:
+        display = random.randrange(1000, 10000)  # unique in the session database, which takes < 5 digits
+        name = f"{current_local_user()}-{display}-{int(time.time())}_stDxterm_dp24"
+        keys_out = tmp_path / "keys"
+        keys_out.mkdir(exist_ok=True)
+        cfg = {
+            "mode": mode, "repo": str(REPO), "port": x2go_server.port, "user": current_local_user(),
+            "client_key": str(x2go_server.client_key), "known_hosts": str(tmp_path / "known_hosts"),
+            "client_root": str(tmp_path / "client"), "session_name": name,
+            "ports": {"gr": _free_port(), "snd": _free_port(), "fs": _free_port()},
+            "agent_pid": os.getpid(), "shares": shares, "printing": True, "mimebox": True,
+            "keys_out": str(keys_out),
+        }
+        driver = Driver(python, cfg, tmp_path / f"driver-{len(started)}.stderr")
+        started.append((driver, name))
+        return driver
+
+    yield start
+    for driver, name in started:
+        driver.close()
+        forget_session(name)
+
+
+def ssh_probe(port: int, keyfile: str, ident: str) -> subprocess.CompletedProcess[str]:
+    """OpenSSH 9.2's ssh (what sshfs runs) opening the sftp subsystem, verbose."""
+    return subprocess.run(
+        ["ssh", "-v", "-p", str(port), "-i", keyfile, "-o", f"UserKnownHostsFile={ident}",
+         "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+         f"{current_local_user()}@127.0.0.1", "-s", "sftp"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )
+
+
+def make_share(tmp_path: Path, name: str = "Documents") -> tuple[Path, bytes]:
+    share = tmp_path / "client-files" / name
+    share.mkdir(parents=True)
+    payload = os.urandom(256 * 1024 + 3)
+    (share / "from-client.bin").write_bytes(payload)
+    return share, payload
+
+
+# --------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", sorted(PYTHONS))
+def test_install_is_idempotent_and_undoable(which: str) -> None:
+    python = python_with_x2go(PYTHONS[which])
+    res = subprocess.run([python, str(CHECK_INSTALL), str(REPO)], capture_output=True, text=True,
+                         timeout=STEP_TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(next(l for l in res.stdout.splitlines() if l.startswith(MARK))[len(MARK):])
+    assert (report["first"], report["second"]) == (True, False)
+    installed = report["installed"]
+    assert installed["tunnel"] and installed["handler_replaced"] and installed["share_wrapped"]
+    assert installed["installed"] and installed["key_bits"] == 3072
+    assert installed["key_text"] == "-----BEGIN RSA PRIVATE KEY-----"
+    if report["paramiko"].split(".")[0] in ("2", "3"):
+        # python-x2go's own key-writing patch works there: left alone.
+        assert report["before"] == "-----BEGIN RSA PRIVATE KEY-----"
+        assert not installed["write_replaced"]
+    else:
+        # paramiko >= 4: python-x2go's patch breaks share_local_folder(); install() repairs it.
+        assert "file_format" in report["before"]
+        assert installed["write_replaced"]
+    assert (report["undone"], report["again"]) == (True, False)
+    assert all(report["restored"][k] for k in ("tunnel", "key", "handler", "share", "write"))
+    assert not report["restored"]["installed"]
+
+
+def test_stock_module_cannot_mount_on_debian12(run_driver: Any, tmp_path: Path) -> None:
+    """Debian 12 as shipped: OpenSSH 9.2's ssh gets no server-sig-algs and will not sign with ssh-rsa."""
+    python = python_with_x2go(DEBIAN_PYTHON)
+    share, _ = make_share(tmp_path)
+    driver = run_driver(python, "stock", [str(share)])
+    tunnel = driver.expect("tunnel")
+    assert tunnel["paramiko"].startswith("2.12")
+    assert tunnel["tunnel_class"] == "x2go.sftpserver.X2GoRevFwTunnelToSFTP"
+    assert tunnel["host_key_bits"] == 1024
+    probe = ssh_probe(tunnel["sshfs_port"], tunnel["keyfile"], tunnel["ident"])
+    assert probe.returncode != 0
+    assert "no mutual signature" in probe.stderr, probe.stderr
+    assert "Authenticated to" not in probe.stderr
+    driver.send("next")
+    shared = driver.expect("shared")
+    assert shared["shared"] == {str(share): False}
+    assert str(share) not in server_mounts()
+    mounts_log = Path(tunnel["remote_home"]) / ".x2go" / f"C-{driver_session_name(driver)}" / "sshfs-mounts.log"
+    assert mounts_log.read_text().strip(), "x2gomountdirs logged no sshfs failure"
+
+
+def driver_session_name(driver: Driver) -> str:
+    args = driver.proc.args
+    assert isinstance(args, list)
+    return str(json.loads(args[-1])["session_name"])
+
+
+@pytest.mark.parametrize("which", sorted(PYTHONS))
+def test_real_python_x2go_shares_through_our_tunnel(which: str, run_driver: Any, tmp_path: Path) -> None:
+    python = python_with_x2go(PYTHONS[which])
+    share, payload = make_share(tmp_path)
+    unshared_later, _ = make_share(tmp_path, "Pictures")
+    driver = run_driver(python, "ours", [str(share), str(unshared_later)])
+    assert driver.expect("installed") == {"event": "installed", "first": True, "second": False}
+
+    # start_sshfs(): our tunnel, a strong host key, and nothing served yet.
+    tunnel = driver.expect("tunnel")
+    assert tunnel["tunnel_class"] == "x2go_sftp.integrate.X2GoIntegratedTunnel"
+    assert tunnel["sftpserver_class"] == "x2go_sftp.integrate.X2GoIntegratedTunnel"
+    assert tunnel["host_key_bits"] == 3072
+    assert tunnel["exports"] == []
+    port, keyfile, ident = tunnel["sshfs_port"], tunnel["keyfile"], tunnel["ident"]
+    probe = ssh_probe(port, keyfile, ident)
+    assert "Authenticated to 127.0.0.1" in probe.stderr, probe.stderr  # OpenSSH 9.2 signs now
+    refused = run_sftp(port, Path(keyfile), Path(ident), f"ls {share}\n")
+    assert refused.returncode != 0  # logged in, but nothing is exported before a share
+
+    # start_printing(), start_mimebox(), X2GoSession.share_local_folder() x 2.
+    driver.send("next")
+    shared = driver.expect("shared")
+    spool, mimebox = shared["printing_spool"], shared["mimebox"]
+    assert shared["shared"] == {str(share): True, str(unshared_later): True}
+    assert shared["exports"] == sorted([spool, mimebox, str(share), str(unshared_later)])
+    mounts = server_mounts()
+    for path in (spool, mimebox, str(share), str(unshared_later)):
+        assert path in mounts, f"{path} not mounted on the server: {mounts}"
+
+    # Bytes both ways through the server-side sshfs mount point x2gomountdirs made.
+    mnt = Path(mounts[str(share)])
+    assert mnt.is_relative_to(X2GO_TMP_ROOT / "media" / "disk")
+    assert hashlib.sha256((mnt / "from-client.bin").read_bytes()).digest() == hashlib.sha256(payload).digest()
+    upload = os.urandom(1024 * 1024 + 11)
+    (mnt / "from-server.bin").write_bytes(upload)
+    assert (share / "from-server.bin").read_bytes() == upload
+    job = b"%PDF-1.4 print job\n" + os.urandom(4096)
+    (Path(mounts[spool]) / "job.pdf").write_bytes(job)  # what the X2Go printer backend does
+    assert (Path(spool) / "job.pdf").read_bytes() == job
+
+    # Exactly the shared folders: nothing else of the client is reachable.
+    outside = run_sftp(port, Path(keyfile), Path(ident), "ls /etc\n")
+    assert outside.returncode != 0 and "passwd" not in outside.stdout
+    inside = run_sftp(port, Path(keyfile), Path(ident), f"ls {share}\n")
+    assert inside.returncode == 0 and "from-server.bin" in inside.stdout, inside.stderr
+
+    # X2GoSession.unshare_local_folder(): unmounted on the server and no longer served.
+    driver.send(f"unshare {unshared_later}")
+    gone = driver.expect("unshared")
+    assert gone["ok"] is True
+    assert gone["exports"] == sorted([spool, mimebox, str(share)])
+    assert str(unshared_later) not in server_mounts()
+    assert run_sftp(port, Path(keyfile), Path(ident), f"ls {unshared_later}\n").returncode != 0
+
+    # unshare_all_local_folders(force_all): x2goumount-session takes spool and MIME box too.
+    driver.send("unshare_all")
+    none_left = driver.expect("unshared_all")
+    assert none_left["ok"] is True and none_left["exports"] == []
+    assert not {spool, mimebox, str(share)} & set(server_mounts())
+    driver.send("quit")
+    driver.expect("bye")
+    assert driver.close() == 0
