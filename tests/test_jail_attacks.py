@@ -252,6 +252,10 @@ def relative_link_out(sb: Sandbox, c: Client) -> None:
 def deep_relative_link_out(sb: Sandbox, c: Client) -> None:
     os.symlink("../../../outside/secret.txt", sb.e("sub", "deeper", "up3"))
     denied(lambda: read_file(c, sb.e("sub", "deeper", "up3")))
+    # Refused deep in the walk, with directories still held: none may leak.
+    os.symlink(sb.o("secret.txt"), sb.e("sub", "deeper", "absout"))
+    denied(lambda: read_file(c, sb.e("sub", "deeper", "absout")))
+    no_such(lambda: read_file(c, sb.e("sub", "deeper", "missing", "x")))
 
 
 @attack("planted symlinks")
@@ -642,9 +646,26 @@ def test_attack(name: str, sandbox: Sandbox, client: Client) -> None:
     category, fn = ATTACKS[name]
     sandbox.prime()
     before = sandbox.snapshot()
+    fds = _open_fds()
     fn(sandbox, client)
     assert_unchanged(before, sandbox.snapshot())
     assert SECRET not in client.received
+    if client.mode == "backend":
+        # Every walk, refused or not, closes what it opened (handles are closed by
+        # the attacks); only the roots of exports an attack added may be new.
+        roots = {os.path.realpath(e.local_path) for e in sandbox.exports}
+        new = {fd: t for fd, t in _open_fds().items() if fds.get(fd) != t and t not in roots}
+        assert not new, new
+
+
+def _open_fds() -> dict[str, str]:
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the listing's own descriptor
+    return out
 
 
 def test_suite_size() -> None:
