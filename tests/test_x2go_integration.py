@@ -32,7 +32,6 @@ import os
 import random
 import selectors
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from tests.realpeers import SSHD, _free_port, require, run_sftp, wait_for_port
+from tests.realpeers import _free_port, require, run_sftp, wait_for_port
 from x2go_sftp.defaults import current_local_user
 
 pytestmark = pytest.mark.real
@@ -276,7 +275,7 @@ def test_install_is_idempotent_and_undoable(which: str) -> None:
     res = subprocess.run([python, str(CHECK_INSTALL), str(REPO)], capture_output=True, text=True,
                          timeout=STEP_TIMEOUT)
     assert res.returncode == 0, res.stderr
-    report = json.loads(next(l for l in res.stdout.splitlines() if l.startswith(MARK))[len(MARK):])
+    report = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith(MARK))[len(MARK):])
     assert (report["first"], report["second"]) == (True, False)
     installed = report["installed"]
     assert installed["tunnel"] and installed["handler_replaced"] and installed["share_wrapped"]

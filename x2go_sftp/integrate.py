@@ -164,9 +164,9 @@ def _wrap_share(original: Callable[..., Any]) -> Callable[..., Any]:
             ok = original(self, local_path, folder_type, *args, **kwargs)
             return ok
         finally:
-            if added and not ok:
+            if added and not ok and tunnel is not None and path is not None:
                 # The server did not mount it: serve nothing python-x2go does not show as shared.
-                tunnel.remove_export(path)  # type: ignore[union-attr]
+                tunnel.remove_export(path)
 
     setattr(share_local_folder, _WRAPPED_MARK, original)
     return share_local_folder
