@@ -301,6 +301,9 @@ class SFTPEngine(paramiko.SFTPServer):
     arguments it is built with (``logger`` is used here too).
     """
 
+    file_table: dict[bytes, SFTPHandle]
+    folder_table: dict[bytes, SFTPHandle]
+
     def __init__(self, channel: paramiko.Channel, name: str, server: paramiko.ServerInterface,
                  sftp_si: type = paramiko.SFTPServerInterface, *args: Any, **kwargs: Any):
         super().__init__(channel, name, server, sftp_si, *args, **kwargs)
@@ -474,7 +477,7 @@ class SFTPEngine(paramiko.SFTPServer):
             self.server.session_ended()
         except Exception as e:
             self.xlog(f"session_ended failed: {e!r}", loglevel=log.loglevel_ERROR)
-        tables = (self.file_table, self.folder_table)
+        tables: tuple[dict[bytes, SFTPHandle], ...] = (self.file_table, self.folder_table)
         self.file_table, self.folder_table = {}, {}
         for table in tables:
             for h in table.values():
