@@ -55,9 +55,10 @@ def test_local_to_sftp_posix() -> None:
 @pytest.mark.parametrize(
     "local, sftp",
     [
-        ("C:\\Users\\alice", "/windrive/c/Users/alice"),
+        ("C:\\Users\\alice", "/windrive/C/Users/alice"),
+        ("c:\\users\\alice", "/windrive/c/users/alice"),
         ("d:/Data/x y", "/windrive/d/Data/x y"),
-        ("C:\\", "/windrive/c"),
+        ("C:\\", "/windrive/C"),
         ("\\\\server\\share", "/uncpath/server/share"),
         ("\\\\server\\share\\dir\\sub", "/uncpath/server/share/dir/sub"),
         ("//server/share/dir", "/uncpath/server/share/dir"),
@@ -93,9 +94,10 @@ def test_windows_local_to_sftp_refuses(local: str) -> None:
 @pytest.mark.parametrize(
     "sftp, local",
     [
-        ("/windrive/c/Users/alice", "C:\\Users\\alice"),
+        ("/windrive/C/Users/alice", "C:\\Users\\alice"),
+        ("/windrive/c/Users/alice", "c:\\Users\\alice"),
         ("/windrive/C/x", "C:\\x"),
-        ("/windrive/c/a/../b", "C:\\b"),  # lexically normalised first
+        ("/windrive/C/a/../b", "C:\\b"),  # lexically normalised first
         ("/uncpath/srv/share/d", "\\\\srv\\share\\d"),
     ],
 )
@@ -244,3 +246,10 @@ def test_roots_stricter_wins(tmp_path: Any) -> None:
         assert list(ex.roots().values()) == [True]
     finally:
         ex.clear()
+
+
+@pytest.mark.parametrize("local", ["C:\\Users\\alice\\Documents", "d:\\Data\\x y", "E:\\"])
+def test_windrive_names_match_what_python_x2go_sends(local: str) -> None:
+    # python-x2go's share_local_folder on Windows (backends/terminal/plain.py):
+    sent = "/windrive/%s" % local.replace("\\", "/").replace(":", "")
+    assert windows_local_to_sftp(local) == "/" + "/".join(p for p in sent.split("/") if p)

@@ -29,7 +29,7 @@ from tests.jail_support import (
 )
 from x2go_sftp.exports import Exports
 
-HOME = "/windrive/c/Users/alice"
+HOME = "/windrive/C/Users/alice"
 
 
 @pytest.fixture
@@ -69,18 +69,18 @@ def test_windows_namespace_served(winclient: Client) -> None:
 
 
 REFUSED_FORMS = [
-    "/windrive/c/Users/bob/secret.txt",
+    "/windrive/C/Users/bob/secret.txt",
     HOME + "/../bob/secret.txt",
     HOME + "/..\\bob\\secret.txt",
     HOME + "/doc.txt\\..\\..\\bob\\secret.txt",
-    "/windrive/C/Users/alice/doc.txt",  # not the exported name: fail closed
+    "/windrive/c/Users/alice/doc.txt",  # not the exported name (drive case differs): fail closed
     HOME + "/doc.txt:hidden",  # NTFS alternate data stream
     HOME + "/doc.txt::$DATA",
     HOME + "/NUL",
     HOME + "/con.txt",
     HOME + "/doc.txt.",  # Windows would strip the dot
     HOME + "/doc.txt ",
-    "/uncpath/srv/share/../../windrive/c/Users/bob/secret.txt",
+    "/uncpath/srv/share/../../windrive/C/Users/bob/secret.txt",
     "/uncpath/srv/share/x",
     "C:\\Users\\bob\\secret.txt",  # a relative name: under home, and not a plain name
 ]

@@ -79,7 +79,11 @@ def _windows_parts(parts: list[str], what: str) -> list[str]:
 
 
 def windows_local_to_sftp(local: str) -> str:
-    """``C:\\Users\\x`` -> ``/windrive/c/Users/x``; ``\\\\srv\\share\\d`` -> ``/uncpath/srv/share/d``.
+    """``C:\\Users\\x`` -> ``/windrive/C/Users/x``; ``\\\\srv\\share\\d`` -> ``/uncpath/srv/share/d``.
+
+    The drive letter keeps its case: python-x2go builds the sshfs path as
+    ``'/windrive/%s' % path.replace('\\', '/').replace(':', '')``, so that is
+    the name sshfs will ask for.
 
     Raises:
         ValueError: for anything but an absolute drive or UNC path made of
@@ -101,7 +105,7 @@ def windows_local_to_sftp(local: str) -> str:
             raise ValueError(f"UNC path without a share: {local!r}")
         return UNCPATH_PREFIX + "/".join(_windows_parts(unc, local) + parts)
     if len(drive) == 2 and drive[1] == ":" and drive[0].isascii() and drive[0].isalpha():
-        return WINDRIVE_PREFIX + "/".join([drive[0].lower()] + parts)
+        return WINDRIVE_PREFIX + "/".join([drive[0]] + parts)
     raise ValueError(f"not an absolute Windows path: {local!r}")
 
 
@@ -121,7 +125,7 @@ def sftp_to_windows_local(sftp_path: str) -> str:
         and parts[1].isascii()
         and parts[1].isalpha()
     ):
-        return parts[1].upper() + ":\\" + "\\".join(_windows_parts(parts[2:], sftp_path))
+        return parts[1] + ":\\" + "\\".join(_windows_parts(parts[2:], sftp_path))
     if len(parts) >= 3 and parts[0] == "uncpath":
         return "\\\\" + "\\".join(_windows_parts(parts[1:], sftp_path))
     raise ValueError(f"not a /windrive or /uncpath name: {sftp_path!r}")
