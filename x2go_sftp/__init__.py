@@ -4,6 +4,8 @@ A drop-in replacement for python-x2go's ``x2go.sftpserver``.  The public
 names are re-exported here; see :mod:`x2go_sftp.sftpserver` for the tunnel.
 """
 
+import logging
+
 from .exports import Export, Exports
 from .log import X2GoLogger
 from .rforward import (
@@ -19,6 +21,11 @@ from .sftpserver import (
 )
 
 __version__ = "0.1.0"
+
+# A library adds no output of its own: without this, Python's last-resort
+# handler would print our warnings to stderr when the application configured
+# no logging.  Applications attach handlers to "x2go_sftp" as usual.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "Export",
