@@ -165,3 +165,19 @@ def test_import_is_cheap_and_host_key_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ssh-rsa", "3072"]
+
+
+def test_enabled_respects_a_foreign_loggers_mask():
+    class PythonX2GoLogger:  # the shape of x2go.log.X2GoLogger
+        loglevel = log.loglevel_DEFAULT
+
+        def get_loglevel(self) -> int:
+            return self.loglevel
+
+        def __call__(self, msg: str, loglevel: int = 0) -> None:
+            pass
+
+    wrapped = log.tagged(PythonX2GoLogger(), "t")
+    assert wrapped.enabled(log.loglevel_WARN)
+    assert not wrapped.enabled(log.loglevel_DEBUG_SFTPXFER)
+    assert log.tagged(lambda msg, loglevel=0: None, "t").enabled(log.loglevel_DEBUG_SFTPXFER)

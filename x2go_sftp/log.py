@@ -178,10 +178,24 @@ class TaggedLogger:
         return getter() if getter is not None else loglevel_DEFAULT
 
     def enabled(self, loglevel: int) -> bool:
-        """True if a message at ``loglevel`` would be emitted (to skip costly formatting)."""
-        if not isinstance(self.wrapped, (X2GoLogger, TaggedLogger)):
+        """True if a message at ``loglevel`` would be emitted (to skip costly formatting).
+
+        Our own loggers emit only what passes their mask.  A foreign logger with
+        python-x2go's ``get_loglevel()`` is asked for its mask; since its
+        messages also go to stdlib logging, that counts too.  A bare callable
+        may want everything.
+        """
+        wrapped = self.wrapped
+        if isinstance(wrapped, (X2GoLogger, TaggedLogger)):
+            return bool(self.get_loglevel() & loglevel)
+        getter = getattr(wrapped, "get_loglevel", None)
+        if getter is None:
             return True
-        return bool(self.get_loglevel() & loglevel)
+        try:
+            mask = int(getter())
+        except Exception:
+            return True
+        return bool(mask & loglevel) or self._stdlib.isEnabledFor(stdlib_level(loglevel))
 
 
 def tagged(logger: LoggerLike | None, tag: str, loglevel: int = loglevel_DEFAULT) -> TaggedLogger:
