@@ -146,13 +146,6 @@ def test_inner_data_packets_fit_one_outer_packet(make_tunnel, connect, export_di
     assert inner_payload >= outer_payload - 2 * tuning.INNER_PACKET_OVERHEAD  # and is not needlessly small
 
 
-def test_inner_window_is_ours(make_tunnel, connect, export_dir):
-    tunnel = make_tunnel([export_dir])
-    connect(tunnel).listdir(export_dir)
-    inner = _inner_transport(tunnel)
-    assert inner.default_window_size == tuning.INNER_WINDOW_SIZE
-
-
 # -- ciphers ---------------------------------------------------------------------------
 def test_inner_transport_negotiates_gcm_where_paramiko_has_it(make_tunnel, connect, export_dir):
     tunnel = make_tunnel([export_dir])

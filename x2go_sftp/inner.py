@@ -14,9 +14,9 @@ import paramiko
 
 from . import log, tuning
 from .auth import SessionKeyAuth
+from .backend import JailedSFTPServer
 from .defaults import current_local_user, default_host_key
 from .engine import SFTPEngine
-from .backend import JailedSFTPServer
 from .exports import Exports
 
 # How long the SSH handshake and authentication may take before we give up on

@@ -7,7 +7,7 @@ gevent-patched).  The worker logs into the X2Go-server sshd with paramiko,
 runs a long command on the connection (python-x2go always has one), starts
 the tunnel and prints one JSON line ``{"port": N}``.  It exits when its
 standard input closes.  ``--disable`` switches single optimisations off to
-measure what each buys (nodelay, gcm, pipe, window, fit); ``--outer-gcm``
+measure what each buys (nodelay, gcm, pipe, fit); ``--outer-gcm``
 turns on the opt-in rekey of the outer connection to AES-GCM.
 """
 
@@ -62,8 +62,6 @@ def disable(names: list[str]) -> None:
             tuning.PREFERRED_CIPHERS = ()
         elif name == "pipe":
             tuning.USE_CHUNK_PIPE = False
-        elif name == "window":
-            tuning.INNER_WINDOW_SIZE = paramiko.common.DEFAULT_WINDOW_SIZE
             tuning.INNER_MAX_PACKET_SIZE = paramiko.common.DEFAULT_MAX_PACKET_SIZE
         elif name == "fit":
             tuning.FIT_INNER_PACKETS = False
