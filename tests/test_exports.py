@@ -251,5 +251,5 @@ def test_roots_stricter_wins(tmp_path: Any) -> None:
 @pytest.mark.parametrize("local", ["C:\\Users\\alice\\Documents", "d:\\Data\\x y", "E:\\"])
 def test_windrive_names_match_what_python_x2go_sends(local: str) -> None:
     # python-x2go's share_local_folder on Windows (backends/terminal/plain.py):
-    sent = "/windrive/%s" % local.replace("\\", "/").replace(":", "")
+    sent = "/windrive/{}".format(local.replace("\\", "/").replace(":", ""))
     assert windows_local_to_sftp(local) == "/" + "/".join(p for p in sent.split("/") if p)

@@ -396,7 +396,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
     def remove(self, path: str) -> int:
         with self._resolve_named(path) as res:
             _check_writable(res)
-            os.unlink(res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]
+            os.unlink(res.leaf, dir_fd=res.dir_fd)
             return OK
 
     @_status_on_error
@@ -406,14 +406,14 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
             mode = 0o777
             if attr is not None and attr._flags & attr.FLAG_PERMISSIONS:
                 mode = attr.st_mode & 0o7777
-            os.mkdir(res.name, mode, dir_fd=res.dir_fd)  # type: ignore[arg-type]
+            os.mkdir(res.leaf, mode, dir_fd=res.dir_fd)
             return OK
 
     @_status_on_error
     def rmdir(self, path: str) -> int:
         with self._resolve_named(path) as res:
             _check_writable(res)
-            os.rmdir(res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]  # never recursive
+            os.rmdir(res.leaf, dir_fd=res.dir_fd)  # never recursive
             return OK
 
     def _two_names(self, oldpath: str, newpath: str) -> tuple[Resolved, Resolved]:
@@ -438,11 +438,11 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
         """SFTP v3 RENAME: never replaces an existing target (as OpenSSH's sftp-server)."""
         old, new = self._two_names(oldpath, newpath)
         with old, new:
-            st = os.stat(old.name, dir_fd=old.dir_fd, follow_symlinks=False)  # type: ignore[arg-type]
+            st = os.stat(old.leaf, dir_fd=old.dir_fd, follow_symlinks=False)
             if stat_mod.S_ISREG(st.st_mode):
                 # link + unlink: atomic "fail if the target exists" for files.
                 try:
-                    os.link(old.name, new.name, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd,  # type: ignore[arg-type]
+                    os.link(old.leaf, new.leaf, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd,
                             follow_symlinks=False)
                 except OSError as e:
                     if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
@@ -450,10 +450,10 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
                     _rename_noreplace(old, new)
                 else:
                     try:
-                        os.unlink(old.name, dir_fd=old.dir_fd)  # type: ignore[arg-type]
+                        os.unlink(old.leaf, dir_fd=old.dir_fd)
                     except OSError:
                         # As OpenSSH: undo the link so the file keeps exactly one name.
-                        os.unlink(new.name, dir_fd=new.dir_fd)  # type: ignore[arg-type]
+                        os.unlink(new.leaf, dir_fd=new.dir_fd)
                         raise
             else:
                 _rename_noreplace(old, new)
@@ -464,7 +464,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
         """posix-rename@openssh.com: atomic replace."""
         old, new = self._two_names(oldpath, newpath)
         with old, new:
-            os.rename(old.name, new.name, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd)  # type: ignore[arg-type]
+            os.rename(old.leaf, new.leaf, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd)
             return OK
 
     @_status_on_error
@@ -472,7 +472,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
         """hardlink@openssh.com: both ends inside the same export."""
         old, new = self._two_names(oldpath, newpath)
         with old, new:
-            os.link(old.name, new.name, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd,  # type: ignore[arg-type]
+            os.link(old.leaf, new.leaf, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd,
                     follow_symlinks=False)
             return OK
 
@@ -483,13 +483,13 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
             _check_writable(res)
             if not self.jail.link_target_allowed(res, target_path):
                 raise refused("symlink target outside the export")
-            os.symlink(target_path, res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]
+            os.symlink(target_path, res.leaf, dir_fd=res.dir_fd)
             return OK
 
     @_status_on_error
     def readlink(self, path: str) -> str:
         with self._resolve_named(path) as res:
-            return os.readlink(res.name, dir_fd=res.dir_fd)  # type: ignore[arg-type]
+            return os.readlink(res.leaf, dir_fd=res.dir_fd)
 
     @_status_on_error
     def realpath(self, path: str) -> str:
@@ -530,8 +530,8 @@ def _apply_attr_fd_dir(dir_fd: int, attr: SFTPAttributes) -> None:
 def _rename_noreplace(old: Resolved, new: Resolved) -> None:
     """rename that fails with EEXIST if the target exists (best effort without renameat2)."""
     try:
-        os.stat(new.name, dir_fd=new.dir_fd, follow_symlinks=False)  # type: ignore[arg-type]
+        os.stat(new.leaf, dir_fd=new.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        os.rename(old.name, new.name, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd)  # type: ignore[arg-type]
+        os.rename(old.leaf, new.leaf, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd)
     else:
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))

@@ -87,6 +87,17 @@ class Resolved:
         return self._stack[-2][1] if len(self._stack) >= 2 else self.root_fd
 
     @property
+    def leaf(self) -> str:
+        """The final name, for operations on a name (remove, rename, link ...).
+
+        Raises:
+            PermissionError: EACCES when the path is a walked directory (an export root).
+        """
+        if self.name is None:
+            raise refused("operation on an export root")
+        return self.name
+
+    @property
     def components(self) -> list[str]:
         """Physical components below the export root, the final name included."""
         names = [n for n, _ in self._stack]
