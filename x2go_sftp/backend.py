@@ -346,32 +346,31 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
     # -- attributes -----------------------------------------------------------
     @_status_on_error
     def stat(self, path: str) -> SFTPAttributes:
-        with self._resolve(path) as res:
-            if res.name is None:
-                return _attributes(os.fstat(res.dir_fd))
-            return _attributes(os.stat(res.name, dir_fd=res.dir_fd, follow_symlinks=False))
+        return self._stat(path, follow_last=True)
 
     @_status_on_error
     def lstat(self, path: str) -> SFTPAttributes:
-        with self._resolve(path, follow_last=False) as res:
+        return self._stat(path, follow_last=False)
+
+    def _stat(self, path: str, follow_last: bool) -> SFTPAttributes:
+        # With follow_last the walk has already expanded a final symlink, so the
+        # last step never follows one either way.
+        with self._resolve(path, follow_last=follow_last) as res:
             if res.name is None:
                 return _attributes(os.fstat(res.dir_fd))
             return _attributes(os.stat(res.name, dir_fd=res.dir_fd, follow_symlinks=False))
 
     @_status_on_error
     def chattr(self, path: str, attr: SFTPAttributes) -> int:
-        with self._resolve(path) as res:
-            _check_writable(res)
-            if res.name is None:
-                _apply_attr_fd_dir(res.dir_fd, attr)
-            else:
-                _apply_attr_at(res.dir_fd, res.name, attr)
-            return OK
+        return self._setstat(path, attr, follow_last=True)
 
     @_status_on_error
     def lsetstat(self, path: str, attr: SFTPAttributes) -> int:
         """lsetstat@openssh.com: SETSTAT that never follows a final symlink."""
-        with self._resolve(path, follow_last=False) as res:
+        return self._setstat(path, attr, follow_last=False)
+
+    def _setstat(self, path: str, attr: SFTPAttributes, follow_last: bool) -> int:
+        with self._resolve(path, follow_last=follow_last) as res:
             _check_writable(res)
             if res.name is None:
                 _apply_attr_fd_dir(res.dir_fd, attr)
