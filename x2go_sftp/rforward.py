@@ -18,6 +18,7 @@ import collections
 import select
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import paramiko
@@ -352,6 +353,27 @@ class X2GoRevFwTunnel(threading.Thread):
             thread.close_channel()
 
 
+def relay(sock: socket.socket, chan: paramiko.Channel, keep_going: Callable[[], bool] = lambda: True) -> None:
+    """Copy bytes both ways between ``sock`` and ``chan`` until either side ends.
+
+    Returns on EOF from either side or when ``keep_going()`` turns false (checked
+    after each wake-up; closing the channel wakes it).  Raises OSError/EOFError
+    from the sockets; closing both is the caller's job.
+    """
+    while keep_going():
+        r, _, _ = select.select([sock, chan], [], [])
+        if sock in r:
+            data = sock.recv(RELAY_CHUNK)
+            if not data:
+                return
+            chan.sendall(data)
+        if chan in r:
+            data = chan.recv(RELAY_CHUNK)
+            if not data:
+                return
+            sock.sendall(data)
+
+
 def x2go_rev_forward_channel_handler(
     chan: paramiko.Channel | None = None,
     addr: str = "",
@@ -375,21 +397,13 @@ def x2go_rev_forward_channel_handler(
     fw_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     xlog(f"reverse tunnel open {chan.origin_addr!r} -> {(addr, port)!r}", loglevel=log.loglevel_INFO)
     try:
-        while parent_thread is None or parent_thread._accept_channels:
-            r, _, _ = select.select([fw_socket, chan], [], [])
-            if fw_socket in r:
-                data = fw_socket.recv(RELAY_CHUNK)
-                if not data:
-                    break
-                chan.sendall(data)
-            if chan in r:
-                data = chan.recv(RELAY_CHUNK)
-                if not data:
-                    break
-                fw_socket.sendall(data)
+        relay(fw_socket, chan, lambda: parent_thread is None or parent_thread._accept_channels)
     except (OSError, EOFError) as e:
         xlog(f"reverse tunnel {chan} socket error: {e}", loglevel=log.loglevel_WARN)
     finally:
-        chan.close()
+        try:
+            chan.close()
+        except (OSError, EOFError):  # the transport died first
+            pass
         fw_socket.close()
     xlog(f"reverse tunnel {chan} closed", loglevel=log.loglevel_INFO)

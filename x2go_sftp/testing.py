@@ -11,7 +11,6 @@ sockets.
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 from typing import Any
@@ -19,24 +18,12 @@ from typing import Any
 import paramiko
 
 from . import log
-
-_RELAY_CHUNK = 64 * 1024
+from .rforward import relay
 
 
 def _relay(sock: socket.socket, chan: paramiko.Channel) -> None:
     try:
-        while True:
-            r, _, _ = select.select([sock, chan], [], [])
-            if sock in r:
-                data = sock.recv(_RELAY_CHUNK)
-                if not data:
-                    break
-                chan.sendall(data)
-            if chan in r:
-                data = chan.recv(_RELAY_CHUNK)
-                if not data:
-                    break
-                sock.sendall(data)
+        relay(sock, chan)
     except (OSError, EOFError):
         pass
     finally:
@@ -204,8 +191,8 @@ class LoopbackX2GoServer:
         self._thread.join(5)
         for fwd in forwards:
             fwd.thread.join(5)
-            for relay in fwd.relays:
-                relay.join(5)
+            for relay_thread in fwd.relays:
+                relay_thread.join(5)
         for transport in self.transports:
             transport.join(5)
 
