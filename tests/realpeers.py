@@ -12,6 +12,7 @@ without them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -80,15 +81,13 @@ class RealSSHD:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def real_sshd(tmp_path_factory: Any) -> Iterator[RealSSHD]:
-    """A real sshd on a loopback port, accepting one client key, allowing remote forwards."""
+@contextlib.contextmanager
+def running_sshd(work: Path, client_key: paramiko.PKey, extra_config: str = "") -> Iterator[RealSSHD]:
+    """Run an sshd on a free 127.0.0.1 port accepting ``client_key``, allowing remote forwards."""
     sshd = require("sshd")
     require("ssh-keygen")
-    work = tmp_path_factory.mktemp("sshd")
     host_key = work / "ssh_host_ed25519_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
-    client_key = paramiko.RSAKey.generate(2048)
     (work / "authorized_keys").write_text(f"{client_key.get_name()} {client_key.get_base64()}\n")
     port = _free_port()
     config = work / "sshd_config"
@@ -109,7 +108,7 @@ GatewayPorts no
 ClientAliveInterval 0
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
-"""
+{extra_config}"""
     )
     os.makedirs("/run/sshd", exist_ok=True)
     log_path = work / "sshd.log"
@@ -120,9 +119,18 @@ LogLevel VERBOSE
     except TimeoutError:
         proc.kill()
         pytest.fail(f"sshd did not start:\n{log_path.read_text()}")
-    yield RealSSHD(port, work, client_key, proc, log_path)
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield RealSSHD(port, work, client_key, proc, log_path)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def real_sshd(tmp_path_factory: Any) -> Iterator[RealSSHD]:
+    """A real sshd on a loopback port, accepting one client key, allowing remote forwards."""
+    with running_sshd(tmp_path_factory.mktemp("sshd"), paramiko.RSAKey.generate(2048)) as sshd:
+        yield sshd
 
 
 def write_key_files(

@@ -41,7 +41,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from tests.realpeers import _free_port, require, run_sftp, wait_for_port
+from tests.realpeers import _free_port, require, run_sftp, running_sshd
 from x2go_sftp.defaults import current_local_user
 
 pytestmark = pytest.mark.real
@@ -95,53 +95,17 @@ class X2GoServer:
 @pytest.fixture(scope="module")
 def x2go_server(tmp_path_factory: Any) -> Iterator[X2GoServer]:
     """sshd on 127.0.0.1 for the X2Go server's user, HOME in a temporary directory."""
-    sshd = require("sshd")
-    require("ssh-keygen")
     for script in ("x2gomountdirs", "x2goumount-session", "x2golistsessions", "x2gopath"):
         require(script)
     work = tmp_path_factory.mktemp("x2goserver")
     home = work / "home"
     home.mkdir()
-    host_key = work / "ssh_host_ed25519_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
     # python-x2go logs in with a key file (PEM RSA, which paramiko 2.12 reads).
     client_key = work / "client_key"
     key = paramiko.RSAKey.generate(2048)
     key.write_private_key_file(str(client_key))
-    (work / "authorized_keys").write_text(f"{key.get_name()} {key.get_base64()}\n")
-    port = _free_port()
-    (work / "sshd_config").write_text(
-        f"""Port {port}
-ListenAddress 127.0.0.1
-HostKey {host_key}
-PidFile {work}/sshd.pid
-AuthorizedKeysFile {work}/authorized_keys
-PermitRootLogin yes
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-AllowTcpForwarding yes
-GatewayPorts no
-SetEnv HOME={home}
-Subsystem sftp internal-sftp
-LogLevel VERBOSE
-"""
-    )
-    os.makedirs("/run/sshd", exist_ok=True)
-    log_path = work / "sshd.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(work / "sshd_config")],
-                                stdout=log_file, stderr=log_file)
-    try:
-        wait_for_port(port)
-    except TimeoutError:
-        proc.kill()
-        pytest.fail(f"sshd did not start:\n{log_path.read_text()}")
-    yield X2GoServer(port, client_key, home, work)
-    proc.terminate()
-    proc.wait(10)
+    with running_sshd(work, key, f"SetEnv HOME={home}\n") as sshd:
+        yield X2GoServer(sshd.port, client_key, home, work)
 
 
 def server_mounts() -> dict[str, str]:
