@@ -214,3 +214,102 @@ def test_outer_gcm_opt_in_rekeys_and_the_connection_keeps_working(make_tunnel, c
         f.write(payload)
     with client.open(f"{export_dir}/after-rekey.bin", "rb") as f:
         assert f.read() == payload
+
+
+# -- read-ahead socket under the inner transport ---------------------------------------
+def test_read_ahead_socket_returns_the_stream_unchanged_and_keeps_timeouts():
+    a, b = socket.socketpair()
+    try:
+        sock = tuning.ReadAheadSocket(a)
+        payload = os.urandom(300_000)
+        sender = threading.Thread(target=b.sendall, args=(payload,))  # more than the socket buffers
+        sender.start()
+        rng = random.Random(7)
+        got = b""
+        while len(got) < len(payload):
+            n = rng.choice((1, 4, 16, 1000, 40000, 500000))
+            chunk = sock.recv(n)
+            assert 0 < len(chunk) <= n
+            got += chunk
+        assert got == payload
+        sender.join()
+        sock.settimeout(0.01)  # passed to the socket: an empty read times out as before
+        with pytest.raises(socket.timeout):
+            sock.recv(4)
+        assert sock.gettimeout() == 0.01
+        b.close()
+        assert sock.recv(4) == b""  # EOF as from the socket
+    finally:
+        a.close()
+        b.close()
+
+
+def test_inner_transport_reads_the_forwarded_channel_ahead(make_tunnel, connect, export_dir):
+    tunnel = make_tunnel([export_dir])
+    client = connect(tunnel)
+    payload = os.urandom(1024 * 1024 + 5)
+    with client.open(f"{export_dir}/ra.bin", "wb") as f:
+        f.set_pipelined(True)
+        f.write(payload)
+    with open(os.path.join(export_dir, "ra.bin"), "rb") as f:
+        assert f.read() == payload
+    assert isinstance(_inner_transport(tunnel).sock, tuning.ReadAheadSocket)
+
+
+# -- replies held while more requests are buffered ---------------------------------------
+class _CountingPipe(BufferedPipe):
+    """paramiko's pipe, counting the SSH data packets fed to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feeds = 0
+
+    def feed(self, data: bytes) -> None:
+        self.feeds += 1
+        super().feed(data)
+
+
+def _raw_realpath(rid: int) -> bytes:
+    body = rid.to_bytes(4, "big") + (1).to_bytes(4, "big") + b"."
+    return (len(body) + 1).to_bytes(4, "big") + bytes((16,)) + body  # SSH_FXP_REALPATH
+
+
+def _raw_replies(chan: paramiko.Channel, count: int) -> list[int]:
+    """Read ``count`` SFTP replies from ``chan``; their request ids."""
+    buf = b""
+    ids = []
+    while len(ids) < count:
+        while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:4], "big"):
+            chunk = chan.recv(65536)
+            assert chunk, "channel closed"
+            buf += chunk
+        size = int.from_bytes(buf[:4], "big")
+        ids.append(int.from_bytes(buf[5:9], "big"))
+        buf = buf[4 + size:]
+    assert buf == b""
+    return ids
+
+
+def test_replies_to_buffered_requests_leave_together(make_tunnel, connect, export_dir):
+    client = connect(make_tunnel([export_dir]))
+    chan = client.get_channel()
+    chan.settimeout(10)
+    counter = _CountingPipe()
+    chan.in_buffer = counter  # idle channel: nothing is being fed while we swap
+    # 50 requests in one SSH packet: the engine has them all before it answers the first.
+    chan.sendall(b"".join(_raw_realpath(1000 + i) for i in range(50)))
+    assert _raw_replies(chan, 50) == [1000 + i for i in range(50)]
+    assert counter.feeds == 1  # one SSH packet for all 50 replies (one each without holding)
+    assert client.listdir(export_dir) == ["hello.txt"]  # the session goes on
+
+
+def test_a_held_reply_is_sent_before_waiting_for_the_rest_of_a_request(make_tunnel, connect, export_dir):
+    client = connect(make_tunnel([export_dir]))
+    chan = client.get_channel()
+    chan.settimeout(10)
+    first, second = _raw_realpath(1), _raw_realpath(2)
+    # A whole request and the start of the next: the first reply must not wait for the rest.
+    chan.sendall(first + second[:3])
+    assert _raw_replies(chan, 1) == [1]
+    chan.sendall(second[3:])
+    assert _raw_replies(chan, 1) == [2]

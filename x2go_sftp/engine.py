@@ -152,6 +152,14 @@ EXTENSIONS: tuple[tuple[str, str, str | None], ...] = (
     ("users-groups-by-id@openssh.com", "1", None),
 )
 
+# Input is taken from the channel in pieces up to this size and parsed from a
+# local buffer: one channel read serves many small requests (and a WRITE's
+# header and data), instead of two reads per request.
+RECV_CHUNK = 256 * 1024
+
+# paramiko's Channel sends at most out_max_packet_size - 64 bytes per packet.
+_CHANNEL_PACKET_SLACK = 64
+
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U32_MASK = 0xFFFFFFFF
@@ -304,11 +312,20 @@ class SFTPEngine(paramiko.SFTPServer):
     file_table: dict[bytes, SFTPHandle]
     folder_table: dict[bytes, SFTPHandle]
 
+    # Hold replies while more requests are already buffered (see _send); off
+    # only to measure what it buys.
+    hold_replies = True
+
     def __init__(self, channel: paramiko.Channel, name: str, server: paramiko.ServerInterface,
                  sftp_si: type = paramiko.SFTPServerInterface, *args: Any, **kwargs: Any):
         super().__init__(channel, name, server, sftp_si, *args, **kwargs)
         self.xlog = log.tagged(kwargs.get("logger"), "sftp")
         self.username: str | None = getattr(server, "username", None)
+        # Unparsed input (from _in_pos on) and replies not yet sent, see _send().
+        self._in = b""
+        self._in_pos = 0
+        self._out: list[bytes] = []
+        self._out_len = 0
         self.requests: Counter[str] = Counter()
         self.exit_status = EXIT_OK
         self._names: dict[tuple[str, int], str] = {}
@@ -374,18 +391,55 @@ class SFTPEngine(paramiko.SFTPServer):
         return data[0], data[1:]
 
     def _read_all(self, n: int) -> bytes:
-        parts = []
-        while n > 0:
-            chunk = self.sock.recv(min(n, MAX_PACKET_LENGTH))
+        """The next ``n`` input bytes; sends the held replies before it would wait for input."""
+        while len(self._in) - self._in_pos < n:
+            if self._out and not self._input_ready():
+                self._flush()
+            chunk = self.sock.recv(RECV_CHUNK)
             if not chunk:
                 raise EOFError()
-            parts.append(chunk)
-            n -= len(chunk)
-        return b"".join(parts)
+            self._in = self._in[self._in_pos:] + chunk if self._in_pos < len(self._in) else chunk
+            self._in_pos = 0
+        start = self._in_pos
+        self._in_pos = start + n
+        return self._in[start:start + n]
+
+    def _input_ready(self) -> bool:
+        """True if the channel has input now (a socket without ``recv_ready`` never claims so)."""
+        ready = getattr(self.sock, "recv_ready", None)
+        return bool(ready()) if ready is not None else False
 
     def _send(self, t: int, body: bytes) -> None:
+        """Queue one reply; whole channel packets go out at once, the rest before we wait for input.
+
+        While further requests are already buffered, their replies join this
+        one: a run of WRITE replies leaves as one SSH packet instead of one
+        each, and READ replies fill whole packets instead of a full one plus a
+        runt each.  Nothing waits longer than the processing of requests that
+        were already here (``_read_all`` flushes before it would block).
+        """
+        reply = _U32.pack(len(body) + 1) + bytes((t,)) + body
+        self._out.append(reply)
+        self._out_len += len(reply)
+        if not self.hold_replies:
+            self._flush()
+        elif self._out_len >= self._packet_payload():
+            self._flush(whole_packets=True)
+
+    def _packet_payload(self) -> int:
+        return max(getattr(self.sock, "out_max_packet_size", 32768) - _CHANNEL_PACKET_SLACK, 1024)
+
+    def _flush(self, whole_packets: bool = False) -> None:
+        """Send the queued replies (only whole channel packets' worth if ``whole_packets``)."""
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        keep = b""
+        if whole_packets:
+            cut = len(data) - len(data) % self._packet_payload()
+            data, keep = data[:cut], data[cut:]
+        self._out = [keep] if keep else []
+        self._out_len = len(keep)
         try:
-            self._write_all(_U32.pack(len(body) + 1) + bytes((t,)) + body)
+            self._write_all(data)
         except (OSError, EOFError) as e:
             raise ChannelGone(str(e) or type(e).__name__) from e
 
@@ -473,6 +527,11 @@ class SFTPEngine(paramiko.SFTPServer):
 
     def finish_subsystem(self) -> None:
         """Close every handle this session still holds (each one, whatever the others do)."""
+        if self._out:
+            try:
+                self._flush()  # replies to the requests before the one that ended the session
+            except Exception:
+                pass  # the channel is already gone
         try:
             self.server.session_ended()
         except Exception as e:

@@ -99,7 +99,7 @@ def serve_channel(
             owner can close it (pause/stop).
     """
     logger = log.tagged(logger, "inner")
-    transport = InnerTransport(chan, **tuning.inner_transport_kwargs())
+    transport = InnerTransport(tuning.inner_socket(chan), **tuning.inner_transport_kwargs())
     transport.daemon = True
     tuning.prefer_fast_ciphers(transport)
     try:

@@ -54,6 +54,13 @@ _PARAMIKO_PACKET_SLACK = 64
 # Shrink inner data packets so each fits one packet of the outer channel.
 FIT_INNER_PACKETS = True
 
+# Let the inner transport read the forwarded channel through ReadAheadSocket.
+USE_READ_AHEAD = True
+
+# What ReadAheadSocket asks the channel for at once: more than a few outer
+# packets' worth gains nothing (the channel rarely holds more when we look).
+READ_AHEAD_BYTES = 256 * 1024
+
 
 def set_tcp_nodelay(transport: Any, logger: log.LoggerLike | None = None) -> bool:
     """Set TCP_NODELAY on the socket under a paramiko ``Transport``.
@@ -297,3 +304,47 @@ def use_chunk_pipe(chan: paramiko.Channel) -> bool:
         new.set_event(old._event)
     chan.in_buffer = new
     return True
+
+
+class ReadAheadSocket:
+    """The forwarded channel as the inner transport's socket, read in large pieces.
+
+    paramiko's packetizer reads each SSH packet with two or three ``recv(n)``
+    calls (first block, rest, MAC), each one a channel read taking the
+    channel's locks and checking its window.  Here one channel read serves
+    all of them, and every packet already buffered after it.  Everything
+    but ``recv`` goes straight to the channel.
+    """
+
+    def __init__(self, chan: Any):
+        self._chan = chan
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, nbytes: int) -> bytes:
+        """Up to ``nbytes``, from what was read ahead or else one channel read (same blocking, timeouts, EOF)."""
+        if self._pos >= len(self._buf):
+            data = self._chan.recv(max(nbytes, READ_AHEAD_BYTES))
+            if len(data) <= nbytes:
+                return data  # empty at EOF; nothing left over
+            self._buf, self._pos = data, 0
+        start = self._pos
+        self._pos = start + nbytes
+        if start == 0 and self._pos >= len(self._buf):
+            out, self._buf, self._pos = self._buf, b"", 0
+            return out
+        return self._buf[start:self._pos]
+
+    def send(self, data: bytes) -> int:
+        return int(self._chan.send(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._chan, name)
+
+    def __repr__(self) -> str:
+        return f"<ReadAheadSocket {self._chan!r}>"
+
+
+def inner_socket(chan: Any) -> Any:
+    """What the inner transport should read: ``chan`` wrapped in :class:`ReadAheadSocket` if enabled."""
+    return ReadAheadSocket(chan) if USE_READ_AHEAD else chan

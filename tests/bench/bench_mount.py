@@ -59,6 +59,15 @@ REMOTE_COMMAND = "sleep 100000"
 PARALLEL_MOUNTS = 8
 
 VARIANTS = ("gevent", "threads", "gevent-gcm", "openssh", "legacy", "direct")
+# Ablation variants: "gevent-no-hold", "threads-no-readahead+hold", ... (this
+# library with the named optimisations off, see worker.disable), interleaved
+# with the others round by round.
+ABLATION_MARK = "-no-"
+
+
+def is_variant(name: str) -> bool:
+    base, mark, off = name.partition(ABLATION_MARK)
+    return name in VARIANTS or (bool(mark) and base in ("gevent", "threads") and bool(off))
 
 
 @dataclass
@@ -127,6 +136,9 @@ class Bench:
             return self._worker("gevent", "--outer-gcm")
         if variant in ("gevent", "threads", "legacy"):
             return self._worker(variant)
+        if ABLATION_MARK in variant:
+            base, _, off = variant.partition(ABLATION_MARK)
+            return self._worker(base, "--disable", ",".join(filter(None, [self.disable, *off.split("+")])))
         if variant == "openssh":
             return self._openssh_tunnel()
         return self._direct()
@@ -135,7 +147,7 @@ class Bench:
         env = dict(os.environ, BENCH_EXPORT=str(self.data), PYTHONPATH=str(Path(__file__).parents[2]))
         cmd = [sys.executable, "-m", "tests.bench.worker", mode, str(self.x2go.port), str(self.keys.workdir),
                *extra]
-        if self.disable and mode != "legacy":
+        if self.disable and mode != "legacy" and "--disable" not in extra:
             cmd += ["--disable", self.disable]
         if mode != "legacy":
             cmd += [f"--set={item}" for item in self.settings]
@@ -410,7 +422,7 @@ COLUMNS = (
 def report(results: dict[str, list[Result]], sizes: Sizes) -> str:
     fmt_args = {"n_create": sizes.create_files, "n_ls": sizes.ls_files,
                 "moved": f"{2 * sizes.seq_bytes // MiB} MiB"}
-    variants = [v for v in VARIANTS if results.get(v)]
+    variants = [v for v in VARIANTS if results.get(v)] + [v for v in results if v not in VARIANTS and results[v]]
     lines = []
     header = "| metric | " + " | ".join(variants) + " |"
     lines += [header, "|---" * (len(variants) + 1) + "|"]
@@ -451,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds over all variants (default 3, short 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--disable", default="",
-                        help="switch library optimisations off: nodelay,gcm,pipe,fit")
+                        help="switch library optimisations off: nodelay,gcm,pipe,fit,readahead,hold")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                         help="override an integer constant of x2go_sftp.tuning in the library workers")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of the library here")
@@ -463,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SHORT if args.short else FULL
     rounds = args.rounds or (1 if args.short else 3)
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = {v for v in variants if not is_variant(v)}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
     results: dict[str, list[Result]] = {v: [] for v in variants}

@@ -7,7 +7,7 @@ gevent-patched).  The worker logs into the X2Go-server sshd with paramiko,
 runs a long command on the connection (python-x2go always has one), starts
 the tunnel and prints one JSON line ``{"port": N}``.  It exits when its
 standard input closes.  ``--disable`` switches single optimisations off to
-measure what each buys (nodelay, gcm, pipe, fit); ``--outer-gcm``
+measure what each buys (nodelay, gcm, pipe, fit, readahead, hold; command: no remote command, a forward-only connection); ``--outer-gcm``
 turns on the opt-in rekey of the outer connection to AES-GCM.
 """
 
@@ -34,12 +34,19 @@ import paramiko  # noqa: E402
 REMOTE_COMMAND = "sleep 100000"
 
 
-def outer_connection(port: int, client_key: paramiko.PKey, user: str) -> tuple[paramiko.Transport, paramiko.Channel]:
-    """python-x2go's connection: a paramiko client Transport, key auth, one command running."""
+def outer_connection(port: int, client_key: paramiko.PKey, user: str,
+                     command: bool = True) -> tuple[paramiko.Transport, paramiko.Channel | None]:
+    """python-x2go's connection: a paramiko client Transport, key auth, one command running.
+
+    Without ``command`` the connection only forwards (sshd then leaves Nagle
+    on at its end: it sets TCP_NODELAY only once a session runs).
+    """
     sock = socket.create_connection(("127.0.0.1", port))
     transport = paramiko.Transport(sock)
     transport.start_client()
     transport.auth_publickey(user, client_key)
+    if not command:
+        return transport, None
     chan = transport.open_session()
     chan.exec_command(REMOTE_COMMAND)
     return transport, chan
@@ -65,7 +72,13 @@ def disable(names: list[str]) -> None:
             tuning.INNER_MAX_PACKET_SIZE = paramiko.common.DEFAULT_MAX_PACKET_SIZE
         elif name == "fit":
             tuning.FIT_INNER_PACKETS = False
-        elif name != "nodelay" and name:
+        elif name == "readahead":
+            tuning.USE_READ_AHEAD = False
+        elif name == "hold":
+            from x2go_sftp.engine import SFTPEngine
+
+            SFTPEngine.hold_replies = False
+        elif name not in ("nodelay", "command") and name:
             raise SystemExit(f"unknown optimisation {name!r}")
 
 
@@ -80,12 +93,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                         help="override an integer constant of x2go_sftp.tuning (experiments)")
     args = parser.parse_args()
-    off = [n for n in args.disable.split(",") if n]
 
     client_key = paramiko.RSAKey.from_private_key_file(str(args.keydir / "outer_client"))
     session_key = paramiko.RSAKey.from_private_key_file(str(args.keydir / "session"))
     host_key = paramiko.RSAKey.from_private_key_file(str(args.keydir / "inner_host"))
-    transport, command = outer_connection(args.sshd_port, client_key, args.user)
+    off = [n for n in args.disable.split(",") if n]
+    transport, command = outer_connection(args.sshd_port, client_key, args.user, "command" not in off)
 
     if args.mode == "legacy":
         from tests.bench.legacy import LegacyTunnel
@@ -117,7 +130,8 @@ def main() -> None:
     print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
     wait_for_eof()
     stop()
-    command.close()
+    if command is not None:
+        command.close()
     transport.close()
 
 
