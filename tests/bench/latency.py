@@ -1,0 +1,176 @@
+"""Where the time of one 32 KiB READ goes inside the library process (an experiment, not a test).
+
+    python -m tests.bench.latency gevent      # or: threads
+    python -m tests.bench.latency gevent --requests 400
+
+Builds the benchmark's topology (tests/bench/bench_mount.py: sshd as the
+X2Go server, python-x2go's outer paramiko connection, sshfs with X2Go's
+options), but starts the library worker through this module, which stamps
+``time.perf_counter_ns()`` along each request's path: the outer transport
+has decrypted the forwarded-channel packet, the inner transport has
+decrypted the SFTP request, the engine starts it, ``pread`` returns, and
+each reply packet has left through the outer transport.  It then reads
+fresh 32 KiB blocks one at a time (``POSIX_FADV_RANDOM``: one FUSE read, one
+SFTP READ each) and prints medians in microseconds next to the client-side
+median.
+
+The stamps wrap paramiko's ``Packetizer`` and the engine *in the worker
+process only*, for measurement; the library itself never patches paramiko.
+The wrappers add a few microseconds per packet.
+"""
+
+from __future__ import annotations
+
+import sys
+
+WORKER_FLAG = "--stamped-worker"
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == WORKER_FLAG and sys.argv[2] == "gevent":
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse  # noqa: E402
+import atexit  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+MSG_CHANNEL_DATA = 94
+SFTP_READ = 5
+
+
+def stamped_worker(argv: list[str], out: Path) -> None:
+    """Run tests.bench.worker with stamps; write the medians to ``out`` at exit."""
+    import paramiko
+    from paramiko.packet import Packetizer
+
+    from tests.bench import worker
+    from x2go_sftp import backend, engine
+
+    ns = time.perf_counter_ns
+    outer_ids: set[int] = set()
+    last = {"outer_in": 0, "inner_in": 0}
+    rows: list[dict[str, Any]] = []
+    current: list[dict[str, Any]] = []
+
+    read_message, send_message = Packetizer.read_message, Packetizer.send_message
+    process, file_read, start_client = engine.SFTPEngine._process, backend.FileHandle.read, paramiko.Transport.start_client
+
+    def stamped_read(self: Any) -> Any:
+        msg = read_message(self)
+        if msg[0] == MSG_CHANNEL_DATA:
+            last["outer_in" if id(self) in outer_ids else "inner_in"] = ns()
+        return msg
+
+    def stamped_send(self: Any, data: Any) -> None:
+        send_message(self, data)
+        if current and id(self) in outer_ids:
+            current[0].setdefault("sent", []).append(ns())
+
+    def stamped_process(self: Any, t: int, rid: int, req: Any) -> None:
+        if current:
+            rows.append(current.pop())
+        current.append({"t": t, "engine": ns(), **last})
+        process(self, t, rid, req)
+
+    def stamped_file_read(self: Any, offset: int, length: int) -> Any:
+        data = file_read(self, offset, length)
+        if current:
+            current[0]["pread_done"] = ns()
+        return data
+
+    def stamped_start_client(self: Any, *a: Any, **k: Any) -> Any:
+        outer_ids.add(id(self.packetizer))
+        return start_client(self, *a, **k)
+
+    Packetizer.read_message, Packetizer.send_message = stamped_read, stamped_send
+    engine.SFTPEngine._process, backend.FileHandle.read = stamped_process, stamped_file_read
+    paramiko.Transport.start_client = stamped_start_client
+
+    def dump() -> None:
+        done = [r for r in rows + current if r["t"] == SFTP_READ and r.get("sent") and r["outer_in"]
+                and r["inner_in"] and "pread_done" in r]
+
+        def med(f: Any) -> int:
+            return round(statistics.median(f(r) for r in done) / 1000) if done else -1
+
+        out.write_text(json.dumps({
+            "requests": len(done),
+            "outer decrypted -> inner decrypted": med(lambda r: r["inner_in"] - r["outer_in"]),
+            "inner decrypted -> engine starts": med(lambda r: r["engine"] - r["inner_in"]),
+            "engine starts -> pread done": med(lambda r: r["pread_done"] - r["engine"]),
+            "pread done -> first outer packet sent": med(lambda r: r["sent"][0] - r["pread_done"]),
+            "first -> last outer packet sent": med(lambda r: r["sent"][-1] - r["sent"][0]),
+            "outer packets per reply": round(statistics.median(len(r["sent"]) for r in done)) if done else -1,
+            "in process: outer decrypted -> last sent": med(lambda r: r["sent"][-1] - r["outer_in"]),
+        }))
+
+    atexit.register(dump)
+    sys.argv = ["worker", *argv]
+    worker.main()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("gevent", "threads"))
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    from tests.bench import bench_mount as bm
+
+    with tempfile.TemporaryDirectory(prefix="x2go-latency-") as tmp:
+        stamps = Path(tmp) / "stamps.json"
+
+        class StampedBench(bm.Bench):
+            def _worker(self, mode: str, *extra: str) -> bm.Endpoint:
+                real_popen = subprocess.Popen
+
+                def popen(cmd: list[str], *a: Any, **k: Any) -> Any:
+                    if cmd[1:3] == ["-m", "tests.bench.worker"]:
+                        cmd = [cmd[0], "-m", "tests.bench.latency", WORKER_FLAG, *cmd[3:], f"--stamps={stamps}"]
+                    return real_popen(cmd, *a, **k)
+
+                subprocess.Popen = popen  # type: ignore[misc]
+                try:
+                    return super()._worker(mode, *extra)
+                finally:
+                    subprocess.Popen = real_popen  # type: ignore[misc]
+
+        (Path(tmp) / "work").mkdir()
+        bench = StampedBench(Path(tmp) / "work", bm.SHORT, "", None)
+        try:
+            ep = bench.endpoint(args.mode)
+            mnt = bench.mount(ep)
+            name = bench.local_file(args.requests * bm.REQUEST_SIZE)
+            fd = os.open(mnt / name, os.O_RDONLY)
+            times = []
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                for i in range(args.requests):
+                    t0 = time.perf_counter_ns()
+                    os.pread(fd, bm.REQUEST_SIZE, i * bm.REQUEST_SIZE)
+                    times.append(time.perf_counter_ns() - t0)
+            finally:
+                os.close(fd)
+            bench.unmount_all()
+            ep.stop()
+            print(f"{args.mode}: one 32 KiB pread through the mount, median {statistics.median(times) / 1000:.0f} us")
+            for key, value in json.loads(stamps.read_text()).items():
+                print(f"  {key}: {value}" + ("" if key in ("requests", "outer packets per reply") else " us"))
+        finally:
+            bench.close()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == WORKER_FLAG:
+        rest = [a for a in sys.argv[2:] if not a.startswith("--stamps=")]
+        target = next(a for a in sys.argv if a.startswith("--stamps="))[len("--stamps="):]
+        stamped_worker(rest, Path(target))
+    else:
+        sys.exit(main())
