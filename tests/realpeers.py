@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,30 +25,10 @@ from typing import Any
 import paramiko
 import pytest
 
+from tests.netutil import free_port, wait_for_port
 from x2go_sftp.defaults import current_local_user
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    """Poll until something accepts on 127.0.0.1:port (bounded, exponential back-off)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on 127.0.0.1:{port}") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
 
 
 def require(binary: str) -> str:
@@ -89,7 +68,7 @@ def running_sshd(work: Path, client_key: paramiko.PKey, extra_config: str = "") 
     host_key = work / "ssh_host_ed25519_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
     (work / "authorized_keys").write_text(f"{client_key.get_name()} {client_key.get_base64()}\n")
-    port = _free_port()
+    port = free_port()
     config = work / "sshd_config"
     config.write_text(
         f"""Port {port}

@@ -41,7 +41,8 @@ from typing import Any
 import paramiko
 import pytest
 
-from tests.realpeers import _free_port, require, run_sftp, running_sshd
+from tests.netutil import free_port
+from tests.realpeers import require, run_sftp, running_sshd
 from x2go_sftp.defaults import current_local_user
 
 pytestmark = pytest.mark.real
@@ -198,7 +199,7 @@ def run_driver(x2go_server: X2GoServer, tmp_path: Path) -> Iterator[Any]:
             "mode": mode, "repo": str(REPO), "port": x2go_server.port, "user": current_local_user(),
             "client_key": str(x2go_server.client_key), "known_hosts": str(tmp_path / "known_hosts"),
             "client_root": str(tmp_path / "client"), "session_name": name,
-            "ports": {"gr": _free_port(), "snd": _free_port(), "fs": _free_port()},
+            "ports": {"gr": free_port(), "snd": free_port(), "fs": free_port()},
             "agent_pid": os.getpid(), "shares": shares, "printing": True, "mimebox": True,
             "keys_out": str(keys_out),
         }

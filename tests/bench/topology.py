@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
+
+from tests.netutil import free_port, wait_for_port
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SFTP_SERVER_CANDIDATES = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
@@ -32,28 +32,6 @@ HOST_KEY_BITS = 3072
 
 # How long a helper process may take to come up before the benchmark gives up.
 START_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    """A currently unused TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = START_TIMEOUT) -> None:
-    """Poll (bounded, with back-off) until something accepts on 127.0.0.1:port."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on 127.0.0.1:{port}") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
 
 
 def sftp_server_binary() -> str:
@@ -130,7 +108,7 @@ LogLevel ERROR
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
     log.close()
     try:
-        wait_for_port(port)
+        wait_for_port(port, START_TIMEOUT)
     except TimeoutError:
         proc.kill()
         raise RuntimeError(f"sshd {name} did not start: {(workdir / 'sshd.log').read_text()}") from None
