@@ -55,13 +55,14 @@ MARK = "@@x2go-driver "
 # Debian 12's python3-x2go runs on Debian's Python with Debian's paramiko 2.12.
 DEBIAN_PYTHON = os.environ.get("X2GO_SFTP_DEBIAN_PYTHON", "/usr/bin/python3")
 # Venvs of Debian's Python (--system-site-packages: python3-x2go, gevent) with another
-# paramiko; .ci/run creates them.
+# paramiko; .ci/run creates them, and python_with_x2go() makes a missing one.
 VENV_PYTHONS = {
     "paramiko-3.5": os.environ.get("X2GO_SFTP_PARAMIKO3_PYTHON",
                                    str(REPO / ".venv-x2go-paramiko3" / "bin" / "python")),
     "paramiko-5.1": os.environ.get("X2GO_SFTP_PARAMIKO5_PYTHON",
                                    str(REPO / ".venv-x2go-paramiko5" / "bin" / "python")),
 }
+VENV_PARAMIKO = {"paramiko-3.5": "paramiko==3.5.1", "paramiko-5.1": "paramiko==5.1.0"}
 PYTHONS = {"debian-paramiko-2.12": DEBIAN_PYTHON, **VENV_PYTHONS}
 
 # Bounds for one driver step (python-x2go + x2gomountdirs + sshfs each take seconds).
@@ -71,8 +72,23 @@ STEP_TIMEOUT = 120.0
 X2GO_TMP_ROOT = Path(f"/tmp/.x2go-{current_local_user()}")
 
 
+def _make_venv(python: str) -> None:
+    """Create the venv of Debian's Python that ``python`` names, with its paramiko release."""
+    which = next((k for k, v in VENV_PYTHONS.items() if v == python), None)
+    if which is None:
+        pytest.fail(f"{python} is missing")
+    venv = Path(python).parent.parent
+    for cmd in ([DEBIAN_PYTHON, "-m", "venv", "--system-site-packages", str(venv)],
+                [python, "-m", "pip", "install", "-q", VENV_PARAMIKO[which]]):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            pytest.fail(f"cannot make {venv} ({' '.join(cmd)}; apt-get install python3-venv): {res.stderr}")
+
+
 def python_with_x2go(python: str) -> str:
     """``python`` if it can import python-x2go; fail (not skip) otherwise, so CI cannot go green without."""
+    if not os.path.exists(python) and python in VENV_PYTHONS.values():
+        _make_venv(python)
     if not os.path.exists(python):
         pytest.fail(f"{python} is missing: run .ci/run (it creates the python-x2go venvs)")
     res = subprocess.run([python, "-c", "import x2go.sftpserver, paramiko; print(paramiko.__version__)"],
