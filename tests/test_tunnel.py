@@ -399,3 +399,13 @@ def test_read_only_refusal_has_the_permission_errno(make_tunnel, connect, export
         client.open(export_dir + "/hello.txt", "ab")
     assert info.value.errno == errno.EACCES
     assert open(os.path.join(export_dir, "hello.txt")).read() == "hello\n"
+
+
+def test_a_fifo_in_the_export_cannot_hang_the_session(sftp: paramiko.SFTPClient, export_dir: str):
+    """Opening a FIFO would block the server until a writer appears; it is refused instead."""
+    os.mkfifo(os.path.join(export_dir, "pipe"))
+    for mode in ("rb", "wb"):
+        with pytest.raises(OSError):
+            sftp.open(export_dir + "/pipe", mode)
+    assert stat.S_ISFIFO(sftp.stat(export_dir + "/pipe").st_mode)
+    assert sorted(sftp.listdir(export_dir)) == ["hello.txt", "pipe"]  # still serving
