@@ -125,13 +125,20 @@ def write_key_files(
 
 
 def run_sftp(
-    port: int, keyfile: Path, ident: Path, commands: str, user: str | None = None, timeout: float = 120
+    port: int,
+    keyfile: Path,
+    ident: Path,
+    commands: str,
+    user: str | None = None,
+    timeout: float = 120,
+    extra_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """OpenSSH ``sftp`` in batch mode against 127.0.0.1:port (commands one per line)."""
     require("sftp")
     return subprocess.run(
         [
             "sftp",
+            *extra_args,
             "-b",
             "-",
             "-P",

@@ -36,10 +36,7 @@ def test_openssh_client_receives_server_sig_algs(real_sshd, session_key, host_ke
     """OpenSSH >= 9.2 sends kex-strict after ext-info-c; paramiko < 3.3 then never sent
     server-sig-algs and OpenSSH refused to sign with RSA ("no mutual signature supported").
     Under paramiko 2.12 this test fails without InnerTransport's fix."""
-    import subprocess
-
     from x2go_sftp import X2GoRevFwTunnelToSFTP
-    from x2go_sftp.defaults import current_local_user
 
     outer = real_sshd.connect()
     tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=session_key, exports=[export_dir], host_key=host_key)
@@ -47,29 +44,7 @@ def test_openssh_client_receives_server_sig_algs(real_sshd, session_key, host_ke
     try:
         assert tunnel.wait_ready(30)
         keyfile, ident = write_key_files(tmp_path, session_key, host_key, tunnel.server_port)
-        res = subprocess.run(
-            [
-                "sftp",
-                "-vvv",
-                "-b",
-                "-",
-                "-P",
-                str(tunnel.server_port),
-                "-i",
-                str(keyfile),
-                "-o",
-                f"UserKnownHostsFile={ident}",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "BatchMode=yes",
-                f"{current_local_user()}@127.0.0.1",
-            ],
-            input="pwd\n",
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        res = run_sftp(tunnel.server_port, keyfile, ident, "pwd\n", timeout=60, extra_args=("-vvv",))
         assert res.returncode == 0, res.stderr[-2000:]
         sig_algs = [line for line in res.stderr.splitlines() if "server-sig-algs" in line]
         assert sig_algs and "rsa-sha2-256" in sig_algs[0], res.stderr[-2000:]
