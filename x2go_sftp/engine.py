@@ -326,6 +326,8 @@ class SFTPEngine(paramiko.SFTPServer):
         self._in_pos = 0
         self._out: list[bytes] = []
         self._out_len = 0
+        # Where input comes from and replies go (a fastpath.SessionIO), if not the channel itself.
+        self._io: Any = None
         self.requests: Counter[str] = Counter()
         self.exit_status = EXIT_OK
         self._names: dict[tuple[str, int], str] = {}
@@ -395,7 +397,9 @@ class SFTPEngine(paramiko.SFTPServer):
         while len(self._in) - self._in_pos < n:
             if self._out and not self._input_ready():
                 self._flush()
-            chunk = self.sock.recv(RECV_CHUNK)
+            chunk = (self._io or self.sock).recv(RECV_CHUNK)
+            if chunk is None:
+                continue  # a packet without input for us: look again at what is held
             if not chunk:
                 raise EOFError()
             self._in = self._in[self._in_pos:] + chunk if self._in_pos < len(self._in) else chunk
@@ -406,6 +410,8 @@ class SFTPEngine(paramiko.SFTPServer):
 
     def _input_ready(self) -> bool:
         """True if the channel has input now (a socket without ``recv_ready`` never claims so)."""
+        if self._io is not None:
+            return bool(self._io.input_ready())
         ready = getattr(self.sock, "recv_ready", None)
         return bool(ready()) if ready is not None else False
 
@@ -425,6 +431,12 @@ class SFTPEngine(paramiko.SFTPServer):
             self._flush()
         elif self._out_len >= self._packet_payload():
             self._flush(whole_packets=True)
+
+    def _write_all(self, out: bytes) -> None:
+        if self._io is not None:
+            self._io.sendall(out)
+        else:
+            super()._write_all(out)
 
     def _packet_payload(self) -> int:
         return max(getattr(self.sock, "out_max_packet_size", 32768) - _CHANNEL_PACKET_SLACK, 1024)

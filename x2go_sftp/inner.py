@@ -12,7 +12,7 @@ from typing import Any
 
 import paramiko
 
-from . import log, tuning
+from . import fastpath, log, tuning
 from .auth import SessionKeyAuth
 from .backend import JailedSFTPServer
 from .defaults import current_local_user, default_host_key
@@ -37,10 +37,26 @@ class TunedSFTPEngine(SFTPEngine):
         tuning.use_chunk_pipe(channel)
         tuning.fit_inner_packets(channel)
         super().__init__(channel, *args, **kwargs)
+        self.fast = fastpath.SessionIO(channel, kwargs.get("logger"))
+
+    def start_subsystem(self, name: str, transport: paramiko.Transport, channel: paramiko.Channel) -> None:
+        self._io = self.fast
+        self.fast.start()
+        try:
+            super().start_subsystem(name, transport, channel)
+        finally:
+            self.fast.stop()
+            self.xlog(f"fast path: {self.fast.stretches} stretches, {self.fast.packets_in} packets in, "
+                      f"{self.fast.packets_out} out, {self.fast.handed_back} handed back",
+                      loglevel=log.loglevel_DEBUG)
 
 
 class InnerTransport(paramiko.Transport):
     """Server ``Transport`` with the fixes our clients need on every paramiko release."""
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any):
+        super().__init__(sock, *args, **kwargs)
+        fastpath.install(self)
 
     def _really_parse_kex_init(self, m: paramiko.Message, ignore_first_byte: bool = False) -> dict[str, Any]:
         parsed: dict[str, Any] = super()._really_parse_kex_init(m, ignore_first_byte)

@@ -17,7 +17,7 @@ from typing import Any
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 
-from . import log
+from . import fastpath, log
 
 # Ciphers the inner server offers, best first.  OpenSSH's client picks by *its*
 # order (chacha20-poly1305, aes*-ctr, then aes*-gcm), so to get GCM we must offer
@@ -181,6 +181,19 @@ class ChunkPipe(BufferedPipe):
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
         self._offset = 0  # bytes of _chunks[0] already read
+        self._handover = False  # see offer_handover()
+
+    def offer_handover(self) -> None:
+        """The transport's thread has parked (``fastpath``): once empty, ``read`` raises ``Handover``."""
+        with self._lock:
+            self._handover = True
+            self._cv.notify_all()
+
+    def take_handover(self) -> bool:
+        """Take a pending offer without reading (True if there was one)."""
+        with self._lock:
+            offered, self._handover = self._handover, False
+            return offered
 
     def set_event(self, event: Any) -> None:
         with self._lock:
@@ -213,6 +226,9 @@ class ChunkPipe(BufferedPipe):
                     raise PipeTimeout()
                 deadline = None if timeout is None else time.monotonic() + timeout
                 while self._size == 0 and not self._closed:
+                    if self._handover:
+                        self._handover = False
+                        raise fastpath.Handover()
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise PipeTimeout()
@@ -337,6 +353,10 @@ class ReadAheadSocket:
 
     def send(self, data: bytes) -> int:
         return int(self._chan.send(data))
+
+    def read_buffered(self) -> int:
+        """Bytes read ahead and not yet taken."""
+        return max(len(self._buf) - self._pos, 0)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._chan, name)

@@ -385,7 +385,8 @@ class Bench:
             return None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         out = self.profile_dir / f"{variant}-{phase}.txt"
-        return subprocess.Popen(["py-spy", "record", "--format", "raw", "--nonblocking", "-r", "200",
+        extra = os.environ.get("X2GO_BENCH_PYSPY", "").split()  # e.g. "--native -r 1000"
+        return subprocess.Popen(["py-spy", "record", "--format", "raw", "--nonblocking", "-r", "200", *extra,
                                  "-o", str(out), "-p", str(ep.single_process)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -1,0 +1,415 @@
+"""The inner SSH data path of an SFTP session, without paramiko's per-packet machinery.
+
+paramiko moves each inner packet through its transport thread (decrypt,
+``Message``, dispatch, the channel's pipe and locks) and then hands it to the
+engine's thread; each reply goes back through the channel, the transport's
+send path and the packetizer.  Measured, that machinery, not the cipher,
+is most of the CPU an inner packet costs (AES-GCM itself is ~0.4 ms/MB).
+
+Here, once an SFTP session is running, its engine reads and writes the
+inner transport's packets itself:
+
+* paramiko still does everything else: key exchange, authentication, the
+  channel's opening, requests and closing, rekeying, and any message this
+  module does not know.  The fast path covers only ``CHANNEL_DATA`` and
+  ``CHANNEL_WINDOW_ADJUST`` of the session's one channel.
+* The switch is made at a packet boundary, with paramiko's transport thread
+  parked inside :meth:`LeanPacketizer.read_message` (so exactly one reader
+  exists at any time); any other message read on the fast path is handed
+  back to paramiko already decrypted, and paramiko reads on until it calls
+  ``read_message`` again with nothing special going on (no key exchange, no
+  rekey due, one channel).
+* The cipher state (keys, GCM invocation counters, sequence numbers, the
+  rekey counters) is paramiko's own, read and written in place under
+  paramiko's write lock, so both paths always agree.
+* Only AES-GCM (paramiko >= 3.5) is handled; with any other cipher, an older
+  paramiko, compression or packet dumps, nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from typing import Any
+
+import paramiko
+from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST
+from paramiko.packet import NeedRekeyException, Packetizer
+
+from . import log
+
+# Switch the fast path off (to measure what it buys, or to rule it out).
+ENABLED = True
+
+# How often a parked paramiko thread re-checks that its transport still lives.
+PARK_RECHECK = 0.25
+
+# Largest inner packet accepted on the fast path (OpenSSH's PACKET_MAX_SIZE).
+MAX_PACKET = 256 * 1024
+
+_GCM_TAG = 16
+_GCM_BLOCK = 16
+_U32 = struct.Struct(">I")
+_DATA_HEAD = struct.Struct(">BBII")  # padding length, message type, recipient, data length
+_ADJUST = struct.Struct(">BII")
+_P = "_Packetizer__"  # paramiko's private packetizer fields, by their mangled names
+_REQUIRED = ("block_engine_in", "block_engine_out", "iv_in", "iv_out", "aead_in", "aead_out",
+             "sequence_number_in", "sequence_number_out", "write_lock", "received_bytes",
+             "received_packets", "sent_bytes", "sent_packets", "need_rekey", "remainder",
+             "compress_engine_in", "compress_engine_out", "dump_packets", "closed")
+
+
+class Handover(Exception):
+    """Raised by a channel's pipe to its reader: paramiko is parked, read the transport yourself."""
+
+
+class LeanPacketizer(Packetizer):
+    """paramiko's ``Packetizer`` whose reading can be lent to one SFTP session's engine.
+
+    Made by changing the class of the packetizer paramiko built (the fields
+    are paramiko's); nothing differs until a :class:`SessionIO` asks for the
+    data path.
+    """
+
+    _lean_cv: threading.Condition | None = None
+    _lean_owner: SessionIO | None = None
+    _lean_active = False
+    _lean_pushback: tuple[int, paramiko.Message] | None = None
+    _lean_rekey = False
+
+    def lean_init(self) -> None:
+        self._lean_cv = threading.Condition(threading.Lock())
+
+    def lean_capable(self) -> bool:
+        """True if this paramiko keeps the fields the fast path works on."""
+        return self._lean_cv is not None and all(hasattr(self, _P + name) for name in _REQUIRED)
+
+    # -- paramiko's thread -------------------------------------------------
+    def read_message(self) -> tuple[int, paramiko.Message]:
+        cv = self._lean_cv
+        if cv is None:
+            return super().read_message()  # type: ignore[no-any-return]
+        with cv:
+            while True:
+                if self._lean_pushback is not None:
+                    message, self._lean_pushback = self._lean_pushback, None
+                    return message
+                if self._lean_rekey:
+                    self._lean_rekey = False
+                    self._trigger_rekey()
+                    raise NeedRekeyException()
+                owner = self._lean_owner
+                if owner is None or not owner.may_take_over():
+                    break
+                if not owner.offer():
+                    break
+                self._lean_active = True
+                while self._lean_active and not self.closed:
+                    cv.wait(PARK_RECHECK)
+                if self.closed:
+                    self._lean_active = False
+                    raise EOFError()
+        return super().read_message()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        super().close()
+        if self._lean_cv is not None:
+            with self._lean_cv:
+                self._lean_cv.notify_all()
+
+    # -- the engine's thread -----------------------------------------------
+    def give_back(self, pushback: tuple[int, paramiko.Message] | None = None, rekey: bool = False) -> None:
+        """End a fast-path stretch: paramiko reads again (first ``pushback``, if any)."""
+        assert self._lean_cv is not None
+        with self._lean_cv:
+            self._lean_pushback = pushback
+            self._lean_rekey = rekey
+            self._lean_active = False
+            self._lean_cv.notify_all()
+
+    def set_owner(self, owner: SessionIO | None) -> None:
+        assert self._lean_cv is not None
+        with self._lean_cv:
+            self._lean_owner = owner
+            if owner is None:
+                self._lean_active = False
+            self._lean_cv.notify_all()
+
+    def rekey_due(self) -> bool:
+        d = self.__dict__
+        return bool(d[_P + "sent_packets"] >= self.REKEY_PACKETS or d[_P + "sent_bytes"] >= self.REKEY_BYTES
+                    or d[_P + "received_packets"] >= self.REKEY_PACKETS
+                    or d[_P + "received_bytes"] >= self.REKEY_BYTES)
+
+    def lean_send(self, plain: bytes) -> None:
+        """Encrypt and send one packet whose plaintext (padding length, payload, padding) is ``plain``."""
+        d = self.__dict__
+        head = _U32.pack(len(plain))
+        with d[_P + "write_lock"]:
+            iv = d[_P + "iv_out"]
+            out = head + d[_P + "block_engine_out"].encrypt(iv, plain, head)
+            d[_P + "iv_out"] = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+            d[_P + "sequence_number_out"] = (d[_P + "sequence_number_out"] + 1) & 0xFFFFFFFF
+            self.write_all(out)
+            d[_P + "sent_bytes"] += len(out)
+            d[_P + "sent_packets"] += 1
+
+    def lean_decrypt(self, head: bytes, body: bytes) -> tuple[bytes, int]:
+        """Decrypt one packet (``body`` includes the tag); returns the plaintext and its sequence number."""
+        d = self.__dict__
+        iv = d[_P + "iv_in"]
+        plain = d[_P + "block_engine_in"].decrypt(iv, body, head)
+        d[_P + "iv_in"] = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+        seq = d[_P + "sequence_number_in"]
+        d[_P + "sequence_number_in"] = (seq + 1) & 0xFFFFFFFF
+        d[_P + "received_bytes"] += len(body) + 4
+        d[_P + "received_packets"] += 1
+        return plain, seq
+
+
+def install(transport: paramiko.Transport) -> bool:
+    """Make ``transport``'s packetizer a :class:`LeanPacketizer` (before the transport starts)."""
+    pk = transport.packetizer
+    if not ENABLED or type(pk) is not Packetizer:
+        return False
+    pk.__class__ = LeanPacketizer
+    pk.lean_init()
+    return True
+
+
+class SessionIO:
+    """The engine's input and output on one session channel: paramiko's channel, or the fast path.
+
+    ``recv``/``sendall``/``input_ready`` are called only from the engine's
+    thread.  Until paramiko parks, and whenever it has been given a message
+    back, they use the channel as usual.
+    """
+
+    def __init__(self, chan: paramiko.Channel, logger: log.LoggerLike | None = None):
+        self.chan = chan
+        self.transport = chan.get_transport()
+        self.xlog = log.tagged(logger, "fastpath")
+        pk = getattr(self.transport, "packetizer", None)
+        sock = getattr(pk, "_" + "Packetizer__socket", None)
+        self.pk: LeanPacketizer | None = None
+        self.sock: Any = None
+        if isinstance(pk, LeanPacketizer) and pk.lean_capable() and hasattr(sock, "read_buffered"):
+            self.pk, self.sock = pk, sock
+        self.lean = False
+        self._pending: list[bytes] = []  # data read while waiting for window on the fast path
+        self._rekey_due = False
+        self._sending = False  # in a send through paramiko (see _take_offer_or_mark_sending)
+        self.stretches = 0  # times the fast path was taken (for tests and logs)
+        self.packets_in = 0
+        self.packets_out = 0
+        self.handed_back = 0
+
+    # -- set-up and tear-down ----------------------------------------------
+    def start(self) -> None:
+        if self.pk is not None:
+            self.pk.set_owner(self)
+
+    def stop(self) -> None:
+        """Give the transport back to paramiko for good (before the session's channel closes)."""
+        if self.pk is not None:
+            self.pk.set_owner(None)
+            self.lean = False
+
+    def may_take_over(self) -> bool:
+        """Called by paramiko's thread (packetizer lock held): may the engine read now?"""
+        t, pk, chan = self.transport, self.pk, self.chan
+        d = pk.__dict__ if pk is not None else {}
+        return bool(
+            pk is not None and t is not None and t.active and not t.in_kex and not d[_P + "need_rekey"]
+            and not t._expected_packet
+            and d[_P + "aead_in"] and d[_P + "aead_out"] and d[_P + "block_engine_in"] is not None
+            and d[_P + "compress_engine_in"] is None and d[_P + "compress_engine_out"] is None
+            and not d[_P + "remainder"] and not d[_P + "dump_packets"]
+            and not chan.closed and not chan.eof_received and chan.active and not self._sending
+            and len(t._channels.values()) == 1
+        )
+
+    def _take_offer_or_mark_sending(self) -> bool:
+        """Before a send through paramiko: take a pending offer (True), or keep paramiko from parking.
+
+        paramiko must not park while the engine may block in ``chan.sendall``
+        waiting for a window adjust that only paramiko's reading can deliver.
+        """
+        if self.pk is None or self.pk._lean_cv is None:
+            return False
+        with self.pk._lean_cv:
+            if self.pk._lean_active and self.chan.in_buffer.take_handover():
+                self.lean = True
+                self.stretches += 1
+            else:
+                self._sending = True
+                return False
+        # Input paramiko fed before it parked comes first.
+        while self.chan.recv_ready():
+            self._pending.append(bytes(self.chan.recv(1 << 20)))
+        return True
+
+    def offer(self) -> bool:
+        """paramiko has parked: wake the engine if it waits on the channel (False: cannot)."""
+        offer = getattr(self.chan.in_buffer, "offer_handover", None)
+        if offer is None:
+            return False  # not our pipe: nothing would tell the engine
+        offer()
+        return True
+
+    # -- input ---------------------------------------------------------------
+    def recv(self, nbytes: int) -> bytes | None:
+        """Input for the engine: data, b"" at EOF, or None when a packet brought none.
+
+        None lets the engine look again at whether to send what it holds
+        before it reads on (a window adjust is not a request).
+        """
+        if self._pending:
+            out = b"".join(self._pending)
+            self._pending = []
+            return out
+        if not self.lean:
+            try:
+                return bytes(self.chan.recv(nbytes))
+            except Handover:
+                self.lean = True
+                self.stretches += 1
+        if self._rekey_due:
+            self._give_back(rekey=True)
+            return None
+        return self._lean_read()
+
+    def input_ready(self) -> bool:
+        if self._pending:
+            return True
+        if self.lean:
+            return bool(self.sock.read_buffered() or self.sock.recv_ready())
+        return bool(self.chan.recv_ready())
+
+    def _lean_read(self) -> bytes | None:
+        """One packet on the fast path: its data, b"" at EOF, or None (nothing for the engine)."""
+        assert self.pk is not None
+        plain, seq = self._read_packet()
+        if len(plain) >= 10 and plain[1] == MSG_CHANNEL_DATA:
+            pad = plain[0]
+            recipient, size = struct.unpack_from(">II", plain, 2)
+            if recipient == self.chan.chanid and 10 + size + pad <= len(plain) and pad >= 4:
+                self.packets_in += 1
+                self._consumed(size)
+                return plain[10:10 + size] if size else None
+        elif len(plain) >= 10 and plain[1] == MSG_CHANNEL_WINDOW_ADJUST:
+            recipient, nbytes = struct.unpack_from(">II", plain, 2)
+            if recipient == self.chan.chanid:
+                with self.chan.lock:
+                    self.chan.out_window_size += nbytes
+                    self.chan.out_buffer_cv.notify_all()
+                return None
+        # Anything else is paramiko's: hand it over decrypted, read the channel again.
+        pad = plain[0]
+        if pad < 4 or pad + 2 > len(plain):
+            raise paramiko.SSHException("bad padding on the inner transport")
+        msg = paramiko.Message(plain[2:len(plain) - pad])
+        msg.seqno = seq
+        self._give_back(pushback=(plain[1], msg))
+        return None
+
+    def _read_packet(self) -> tuple[bytes, int]:
+        assert self.pk is not None
+        head = self._read_exact(4)
+        (size,) = _U32.unpack(head)
+        if size < _GCM_BLOCK or size > MAX_PACKET or size % _GCM_BLOCK:
+            raise paramiko.SSHException(f"bad inner packet length {size}")
+        body = self._read_exact(size + _GCM_TAG)
+        try:
+            plain, seq = self.pk.lean_decrypt(head, body)
+        except Exception as e:  # cryptography's InvalidTag
+            raise paramiko.SSHException("Mismatched MAC") from e
+        if self.pk.rekey_due():
+            self._rekey_due = True
+        return plain, seq
+
+    def _read_exact(self, n: int) -> bytes:
+        parts: list[bytes] = []
+        while n > 0:
+            try:
+                x = self.sock.recv(n)
+            except socket.timeout:
+                if self.pk is None or self.pk.closed or not self.transport.active:
+                    raise EOFError() from None
+                continue
+            if not x:
+                raise EOFError()
+            parts.append(x)
+            n -= len(x)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _consumed(self, n: int) -> None:
+        ack = self.chan._check_add_window(n)
+        if ack > 0:
+            self._send_plain(_ADJUST.pack(MSG_CHANNEL_WINDOW_ADJUST, self.chan.remote_chanid, ack))
+
+    def _give_back(self, pushback: tuple[int, paramiko.Message] | None = None, rekey: bool = False) -> None:
+        assert self.pk is not None
+        self.lean = False
+        self._rekey_due = False
+        self.handed_back += 1
+        self.pk.give_back(pushback, rekey)
+
+    # -- output ---------------------------------------------------------------
+    def sendall(self, data: bytes) -> None:
+        if not self.lean and not self._take_offer_or_mark_sending():
+            try:
+                self.chan.sendall(data)
+            finally:
+                self._sending = False
+            return
+        chan = self.chan
+        view = memoryview(data)
+        while view:
+            with chan.lock:
+                if chan.closed or chan.eof_sent or not chan.active:
+                    raise OSError("Socket is closed")
+                n = min(len(view), chan.out_window_size, chan.out_max_packet_size - 64)
+                if n > 0:
+                    chan.out_window_size -= n
+            if n <= 0:
+                if not self._wait_window():
+                    chan.sendall(bytes(view))  # paramiko reads again: it gets the window adjusts
+                    return
+                continue
+            self._send_data(chan.remote_chanid, view[:n])
+            view = view[n:]
+
+    def _wait_window(self) -> bool:
+        """Read packets until the peer opens the window; False if the fast path had to end."""
+        while self.lean:
+            if self._rekey_due:
+                self._give_back(rekey=True)
+                return False
+            data = self._lean_read()
+            if data:
+                self._pending.append(data)
+            elif data == b"":
+                raise EOFError()
+            if self.chan.out_window_size > 0:
+                return True
+        return False
+
+    def _send_data(self, remote: int, data: memoryview) -> None:
+        size = len(data)
+        pad = 3 + _GCM_BLOCK - ((size + 9 + 4) % _GCM_BLOCK)
+        plain = b"".join((_DATA_HEAD.pack(pad, MSG_CHANNEL_DATA, remote, size), data, os.urandom(pad)))
+        self._send_raw(plain)
+
+    def _send_plain(self, payload: bytes) -> None:
+        pad = 3 + _GCM_BLOCK - ((len(payload) + 4) % _GCM_BLOCK)
+        self._send_raw(bytes((pad,)) + payload + os.urandom(pad))
+
+    def _send_raw(self, plain: bytes) -> None:
+        assert self.pk is not None
+        self.pk.lean_send(plain)
+        self.packets_out += 1
+        if self.pk.rekey_due():
+            self._rekey_due = True
