@@ -79,6 +79,37 @@ def test_chunk_pipe_wakes_a_blocked_reader():
     assert not closer.is_alive() and got[-1] == b""
 
 
+def test_chunk_pipe_handover_only_once_empty():
+    from x2go_sftp.fastpath import Handover
+
+    pipe = tuning.ChunkPipe()
+    pipe.feed(b"before")
+    pipe.offer_handover()
+    assert pipe.read(100) == b"before"  # what was fed before the offer is read first
+    with pytest.raises(Handover):
+        pipe.read(100)
+    with pytest.raises(PipeTimeout):  # the offer is taken once
+        pipe.read(100, timeout=0.0)
+    pipe.offer_handover()
+    assert pipe.take_handover() and not pipe.take_handover()
+    # a reader blocked on the empty pipe is woken by the offer
+    pipe.offer_handover()
+    pipe.take_handover()
+    raised = threading.Event()
+
+    def reader() -> None:
+        try:
+            pipe.read(100)
+        except Handover:
+            raised.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    pipe.offer_handover()
+    t.join(10)
+    assert raised.is_set()
+
+
 def test_chunk_pipe_event_follows_data_like_buffered_pipe():
     pipe = tuning.ChunkPipe()
     event = threading.Event()
@@ -228,10 +259,13 @@ def test_read_ahead_socket_returns_the_stream_unchanged_and_keeps_timeouts():
         got = b""
         while len(got) < len(payload):
             n = rng.choice((1, 4, 16, 1000, 40000, 500000))
+            held = sock.read_buffered()
             chunk = sock.recv(n)
             assert 0 < len(chunk) <= n
+            assert held >= 0 and (held == 0 or len(chunk) == min(n, held))  # a short read only from a short buffer
             got += chunk
         assert got == payload
+        assert sock.read_buffered() == 0
         sender.join()
         sock.settimeout(0.01)  # passed to the socket: an empty read times out as before
         with pytest.raises(socket.timeout):

@@ -29,7 +29,6 @@ inner transport's packets itself:
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import threading
 from typing import Any
@@ -129,22 +128,28 @@ class LeanPacketizer(Packetizer):
             self._lean_active = False
             self._lean_cv.notify_all()
 
-    def set_owner(self, owner: SessionIO | None) -> None:
+    def claim(self, owner: SessionIO) -> bool:
+        """Make ``owner`` the one session that may take the data path (first come, first served)."""
         assert self._lean_cv is not None
         with self._lean_cv:
-            self._lean_owner = owner
-            if owner is None:
+            if self._lean_owner is None:
+                self._lean_owner = owner
+            return self._lean_owner is owner
+
+    def release(self, owner: SessionIO) -> None:
+        """``owner`` is done: if it held the data path, paramiko reads again."""
+        assert self._lean_cv is not None
+        with self._lean_cv:
+            if self._lean_owner is owner:
+                self._lean_owner = None
                 self._lean_active = False
-            self._lean_cv.notify_all()
+                self._lean_cv.notify_all()
 
-    def rekey_due(self) -> bool:
-        d = self.__dict__
-        return bool(d[_P + "sent_packets"] >= self.REKEY_PACKETS or d[_P + "sent_bytes"] >= self.REKEY_BYTES
-                    or d[_P + "received_packets"] >= self.REKEY_PACKETS
-                    or d[_P + "received_bytes"] >= self.REKEY_BYTES)
+    def lean_send(self, plain: bytes) -> bool:
+        """Encrypt and send one packet whose plaintext (padding length, payload, padding) is ``plain``.
 
-    def lean_send(self, plain: bytes) -> None:
-        """Encrypt and send one packet whose plaintext (padding length, payload, padding) is ``plain``."""
+        Returns True once paramiko's rekey limits for sending are reached.
+        """
         d = self.__dict__
         head = _U32.pack(len(plain))
         with d[_P + "write_lock"]:
@@ -153,20 +158,25 @@ class LeanPacketizer(Packetizer):
             d[_P + "iv_out"] = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
             d[_P + "sequence_number_out"] = (d[_P + "sequence_number_out"] + 1) & 0xFFFFFFFF
             self.write_all(out)
-            d[_P + "sent_bytes"] += len(out)
-            d[_P + "sent_packets"] += 1
+            sent = d[_P + "sent_bytes"] = d[_P + "sent_bytes"] + len(out)
+            packets = d[_P + "sent_packets"] = d[_P + "sent_packets"] + 1
+        return bool(sent >= self.REKEY_BYTES or packets >= self.REKEY_PACKETS)
 
-    def lean_decrypt(self, head: bytes, body: bytes) -> tuple[bytes, int]:
-        """Decrypt one packet (``body`` includes the tag); returns the plaintext and its sequence number."""
+    def lean_decrypt(self, head: bytes, body: bytes) -> tuple[bytes, int, bool]:
+        """Decrypt one packet (``body`` includes the tag).
+
+        Returns the plaintext, its sequence number, and whether paramiko's
+        rekey limits for receiving are reached.
+        """
         d = self.__dict__
         iv = d[_P + "iv_in"]
         plain = d[_P + "block_engine_in"].decrypt(iv, body, head)
         d[_P + "iv_in"] = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
         seq = d[_P + "sequence_number_in"]
         d[_P + "sequence_number_in"] = (seq + 1) & 0xFFFFFFFF
-        d[_P + "received_bytes"] += len(body) + 4
-        d[_P + "received_packets"] += 1
-        return plain, seq
+        got = d[_P + "received_bytes"] = d[_P + "received_bytes"] + len(body) + 4
+        packets = d[_P + "received_packets"] = d[_P + "received_packets"] + 1
+        return plain, seq, bool(got >= self.REKEY_BYTES or packets >= self.REKEY_PACKETS)
 
 
 def install(transport: paramiko.Transport) -> bool:
@@ -205,16 +215,18 @@ class SessionIO:
         self.packets_in = 0
         self.packets_out = 0
         self.handed_back = 0
+        self.rekeys = 0
 
     # -- set-up and tear-down ----------------------------------------------
     def start(self) -> None:
-        if self.pk is not None:
-            self.pk.set_owner(self)
+        """Ask for the data path (granted to the first session of a connection only)."""
+        if self.pk is not None and not self.pk.claim(self):
+            self.pk = None
 
     def stop(self) -> None:
         """Give the transport back to paramiko for good (before the session's channel closes)."""
         if self.pk is not None:
-            self.pk.set_owner(None)
+            self.pk.release(self)
             self.lean = False
 
     def may_take_over(self) -> bool:
@@ -279,7 +291,22 @@ class SessionIO:
         if self._rekey_due:
             self._give_back(rekey=True)
             return None
-        return self._lean_read()
+        try:
+            return self._lean_read()
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            self.fail(e)
+            raise
+
+    def fail(self, why: BaseException) -> None:
+        """A broken inner packet (or the tunnel gone) on the fast path: the whole inner connection ends.
+
+        paramiko cannot read on after a packet it did not see, so the
+        transport is closed, as paramiko closes it on a bad packet.
+        """
+        self.xlog(f"inner transport closed on the fast path: {why!r}", loglevel=log.loglevel_INFO)
+        self.lean = False
+        if self.transport is not None:
+            self.transport.close()
 
     def input_ready(self) -> bool:
         if self._pending:
@@ -323,10 +350,10 @@ class SessionIO:
             raise paramiko.SSHException(f"bad inner packet length {size}")
         body = self._read_exact(size + _GCM_TAG)
         try:
-            plain, seq = self.pk.lean_decrypt(head, body)
+            plain, seq, rekey = self.pk.lean_decrypt(head, body)
         except Exception as e:  # cryptography's InvalidTag
             raise paramiko.SSHException("Mismatched MAC") from e
-        if self.pk.rekey_due():
+        if rekey:
             self._rekey_due = True
         return plain, seq
 
@@ -335,7 +362,7 @@ class SessionIO:
         while n > 0:
             try:
                 x = self.sock.recv(n)
-            except socket.timeout:
+            except TimeoutError:
                 if self.pk is None or self.pk.closed or not self.transport.active:
                     raise EOFError() from None
                 continue
@@ -355,6 +382,7 @@ class SessionIO:
         self.lean = False
         self._rekey_due = False
         self.handed_back += 1
+        self.rekeys += rekey
         self.pk.give_back(pushback, rekey)
 
     # -- output ---------------------------------------------------------------
@@ -388,7 +416,11 @@ class SessionIO:
             if self._rekey_due:
                 self._give_back(rekey=True)
                 return False
-            data = self._lean_read()
+            try:
+                data = self._lean_read()
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                self.fail(e)
+                raise
             if data:
                 self._pending.append(data)
             elif data == b"":
@@ -409,7 +441,6 @@ class SessionIO:
 
     def _send_raw(self, plain: bytes) -> None:
         assert self.pk is not None
-        self.pk.lean_send(plain)
-        self.packets_out += 1
-        if self.pk.rekey_due():
+        if self.pk.lean_send(plain):
             self._rekey_due = True
+        self.packets_out += 1

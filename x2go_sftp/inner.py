@@ -47,7 +47,7 @@ class TunedSFTPEngine(SFTPEngine):
         finally:
             self.fast.stop()
             self.xlog(f"fast path: {self.fast.stretches} stretches, {self.fast.packets_in} packets in, "
-                      f"{self.fast.packets_out} out, {self.fast.handed_back} handed back",
+                      f"{self.fast.packets_out} out, {self.fast.handed_back} handed back, {self.fast.rekeys} rekeys",
                       loglevel=log.loglevel_DEBUG)
 
 

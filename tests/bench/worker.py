@@ -74,6 +74,10 @@ def disable(names: list[str]) -> None:
             tuning.FIT_INNER_PACKETS = False
         elif name == "readahead":
             tuning.USE_READ_AHEAD = False
+        elif name == "fastpath":
+            from x2go_sftp import fastpath
+
+            fastpath.ENABLED = False
         elif name == "hold":
             from x2go_sftp.engine import SFTPEngine
 

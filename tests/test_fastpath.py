@@ -1,0 +1,269 @@
+"""The inner data fast path (x2go_sftp.fastpath): it carries the data, and gives way correctly.
+
+Every test moves real data through the tunnel with a real paramiko client and
+checks it byte for byte; the fast path's own counters (logged when a session
+ends) show which path carried it.  Rekeys from either side, requests paramiko
+must answer, a second channel, small windows and packets, a corrupted packet:
+each must hand the transport back to paramiko at the right packet.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import paramiko
+import pytest
+
+from x2go_sftp import X2GoRevFwTunnelToSFTP, fastpath, tuning
+from x2go_sftp.defaults import current_local_user
+from x2go_sftp.testing import sftp_client
+
+# paramiko < 3.5 has no AES-GCM: there the fast path must never engage, and every
+# test checks that instead (the data must come through all the same).
+HAS_GCM = "aes128-gcm@openssh.com" in getattr(paramiko.Transport, "_cipher_info", {})
+
+STATS = re.compile(r"fast path: (\d+) stretches, (\d+) packets in, (\d+) out, (\d+) handed back, (\d+) rekeys")
+
+
+class FastLog:
+    """A python-x2go style logger keeping the fast path's per-session counters."""
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self.sessions: list[dict[str, int]] = []
+        self.lines: list[str] = []
+
+    def __call__(self, msg: str, loglevel: int = 0) -> None:
+        m = STATS.search(str(msg))
+        with self.cv:
+            self.lines.append(str(msg))
+            if m:
+                keys = ("stretches", "packets_in", "packets_out", "handed_back", "rekeys")
+                self.sessions.append(dict(zip(keys, map(int, m.groups()), strict=True)))
+                self.cv.notify_all()
+
+    def wait(self, n: int = 1, timeout: float = 30) -> list[dict[str, int]]:
+        """The counters of the first ``n`` sessions, once they have ended."""
+        with self.cv:
+            assert self.cv.wait_for(lambda: len(self.sessions) >= n, timeout), self.lines[-20:]
+            return self.sessions[:n]
+
+
+@pytest.fixture
+def flog() -> FastLog:
+    return FastLog()
+
+
+@pytest.fixture
+def tunnel(make_tunnel: Callable[..., X2GoRevFwTunnelToSFTP], export_dir: str, flog: FastLog) -> Any:
+    return make_tunnel([export_dir], logger=flog)
+
+
+@pytest.fixture
+def client(tunnel: Any, session_key: paramiko.RSAKey) -> Iterator[tuple[paramiko.Transport, paramiko.SFTPClient]]:
+    transport, sftp = sftp_client(tunnel.server_port, session_key, current_local_user())
+    yield transport, sftp
+    transport.close()
+
+
+def roundtrip(sftp: paramiko.SFTPClient, path: str, size: int) -> None:
+    """Write ``size`` random bytes through ``sftp``, read them back, compare with the local file too."""
+    data = os.urandom(size)
+    with sftp.open(path, "wb") as f:
+        f.set_pipelined(True)
+        f.write(data)
+    with sftp.open(path, "rb") as f:
+        assert f.read(size) == data
+    with open(path, "rb") as local:
+        assert local.read() == data
+
+
+def fast(stats: dict[str, int]) -> bool:
+    """True if the fast path should have run; without GCM, checks that it did not."""
+    if not HAS_GCM:
+        assert stats == {"stretches": 0, "packets_in": 0, "packets_out": 0, "handed_back": 0, "rekeys": 0}
+    return HAS_GCM
+
+
+def inbound_engine(transport: paramiko.Transport) -> Any:
+    return transport.packetizer._Packetizer__block_engine_in
+
+
+def test_data_moves_on_the_fast_path(client: Any, export_dir: str, flog: FastLog) -> None:
+    transport, sftp = client
+    roundtrip(sftp, export_dir + "/a.bin", 2 << 20)
+    transport.close()
+    (stats,) = flog.wait()
+    if not fast(stats):
+        return
+    assert stats["stretches"] >= 1
+    # 2 MiB each way in packets of at most 32 KiB: nearly every data packet went the fast way.
+    assert stats["packets_in"] >= 60 and stats["packets_out"] >= 60
+
+
+def test_other_ciphers_keep_paramikos_path(monkeypatch: pytest.MonkeyPatch, tunnel: Any, session_key: Any,
+                                           export_dir: str, flog: FastLog) -> None:
+    monkeypatch.setattr(tuning, "PREFERRED_CIPHERS", ("aes256-ctr",))
+    transport, sftp = sftp_client(tunnel.server_port, session_key, current_local_user())
+    try:
+        assert transport.remote_cipher == "aes256-ctr"
+        roundtrip(sftp, export_dir + "/b.bin", 300_000)
+    finally:
+        transport.close()
+    (stats,) = flog.wait()
+    assert stats == {"stretches": 0, "packets_in": 0, "packets_out": 0, "handed_back": 0, "rekeys": 0}
+
+
+def test_client_rekeys_in_the_middle(client: Any, export_dir: str, flog: FastLog) -> None:
+    transport, sftp = client
+    transport.packetizer.REKEY_BYTES = 256 * 1024  # this client asks for new keys every 256 KiB
+    before = inbound_engine(transport)
+    roundtrip(sftp, export_dir + "/c.bin", 3 << 20)
+    assert inbound_engine(transport) is not before  # keys really changed
+    transport.close()
+    (stats,) = flog.wait()
+    if fast(stats):
+        # each KEXINIT was handed to paramiko, and the fast path came back after every exchange
+        assert stats["handed_back"] >= 10 and stats["stretches"] >= 10
+        assert stats["packets_in"] >= 60
+
+
+def test_server_rekeys_in_the_middle(monkeypatch: pytest.MonkeyPatch, client: Any, export_dir: str,
+                                     flog: FastLog) -> None:
+    monkeypatch.setattr(fastpath.LeanPacketizer, "REKEY_BYTES", 256 * 1024)
+    transport, sftp = client
+    before = inbound_engine(transport)
+    roundtrip(sftp, export_dir + "/d.bin", 3 << 20)
+    assert inbound_engine(transport) is not before
+    transport.close()
+    (stats,) = flog.wait()
+    if fast(stats):
+        assert stats["rekeys"] >= 5 and stats["stretches"] >= 5
+
+
+def test_global_requests_are_answered_between_data(client: Any, export_dir: str, flog: FastLog) -> None:
+    transport, sftp = client
+    for i in range(3):
+        roundtrip(sftp, f"{export_dir}/e{i}.bin", 200_000)
+        # What OpenSSH's ServerAliveInterval sends: paramiko must see it and refuse it.
+        assert transport.global_request("keepalive@openssh.com", wait=True) is None
+        assert transport.is_active()
+    roundtrip(sftp, export_dir + "/e.bin", 200_000)
+    transport.close()
+    (stats,) = flog.wait()
+    if fast(stats):
+        assert stats["handed_back"] >= 3 and stats["stretches"] >= 4
+
+
+def test_small_client_window_and_packets(tunnel: Any, session_key: Any, export_dir: str, flog: FastLog) -> None:
+    sock = socket.create_connection(("127.0.0.1", tunnel.server_port))
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client()
+        transport.auth_publickey(current_local_user(), session_key)
+        chan = transport.open_session(window_size=65536, max_packet_size=4096)
+        chan.invoke_subsystem("sftp")
+        sftp = paramiko.SFTPClient(chan)
+        roundtrip(sftp, export_dir + "/f.bin", 1 << 20)
+    finally:
+        transport.close()
+    (stats,) = flog.wait()
+    if fast(stats):
+        # every reply byte in packets of at most 4 KiB, sent only into the window the client opened
+        assert stats["packets_out"] >= (1 << 20) // 4096
+
+
+def test_two_sessions_on_one_connection(client: Any, export_dir: str, flog: FastLog) -> None:
+    transport, first = client
+    roundtrip(first, export_dir + "/g1.bin", 500_000)  # the first session is on the fast path
+    second = paramiko.SFTPClient.from_transport(transport)
+    assert second is not None
+    for i in range(3):
+        roundtrip(second, f"{export_dir}/g2-{i}.bin", 300_000)
+        roundtrip(first, f"{export_dir}/g1-{i}.bin", 300_000)
+    second.close()
+    roundtrip(first, export_dir + "/g3.bin", 300_000)
+    transport.close()
+    stats = flog.wait(2)
+    if HAS_GCM:
+        assert max(s["stretches"] for s in stats) >= 1
+    else:
+        assert all(fast(s) is False for s in stats)
+
+
+class CorruptingProxy:
+    """A TCP relay to the tunnel's port that flips one bit after ``after`` client bytes."""
+
+    def __init__(self, port: int, after: int):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = port
+        self.after = after
+        self.threads: list[threading.Thread] = []
+        self.socks: list[socket.socket] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        up = socket.create_connection(("127.0.0.1", self.target))
+        self.socks += [conn, up]
+        for src, dst, flip in ((conn, up, True), (up, conn, False)):
+            t = threading.Thread(target=self._pump, args=(src, dst, flip), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, flip: bool) -> None:
+        seen = 0
+        try:
+            while data := src.recv(65536):
+                if flip and seen <= self.after < seen + len(data):
+                    i = self.after - seen
+                    data = data[:i] + bytes((data[i] ^ 0x01,)) + data[i + 1:]
+                seen += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for t in self.threads:
+            t.join(10)
+        for s in self.socks:
+            s.close()
+
+
+def test_corrupted_packet_ends_the_connection_cleanly(no_leaks: None, tunnel: Any, session_key: Any,
+                                                      export_dir: str, flog: FastLog) -> None:
+    proxy = CorruptingProxy(tunnel.server_port, after=400_000)
+    try:
+        transport, sftp = sftp_client(proxy.port, session_key, current_local_user())
+        try:
+            with pytest.raises((OSError, EOFError, paramiko.SSHException)):
+                roundtrip(sftp, export_dir + "/h.bin", 2 << 20)
+        finally:
+            transport.close()
+        (stats,) = flog.wait()
+        if fast(stats):
+            assert stats["packets_in"] >= 1  # the bad packet met the fast path, not paramiko
+            assert any("inner transport closed on the fast path" in line for line in flog.lines)
+    finally:
+        proxy.close()
+    # the tunnel itself serves on
+    transport, sftp = sftp_client(tunnel.server_port, session_key, current_local_user())
+    try:
+        roundtrip(sftp, export_dir + "/i.bin", 100_000)
+    finally:
+        transport.close()
