@@ -160,12 +160,16 @@ def test_global_requests_are_answered_between_data(client: Any, export_dir: str,
         assert stats["handed_back"] >= 3 and stats["stretches"] >= 4
 
 
-def test_small_client_window_and_packets(tunnel: Any, session_key: Any, export_dir: str, flog: FastLog) -> None:
+@pytest.mark.parametrize("rekey_every", [None, 96 * 1024])
+def test_small_client_window_and_packets(tunnel: Any, session_key: Any, export_dir: str, flog: FastLog,
+                                         rekey_every: int | None) -> None:
     sock = socket.create_connection(("127.0.0.1", tunnel.server_port))
     transport = paramiko.Transport(sock)
     try:
         transport.start_client()
         transport.auth_publickey(current_local_user(), session_key)
+        if rekey_every:  # key exchanges while the server waits for window to send into
+            transport.packetizer.REKEY_BYTES = rekey_every
         chan = transport.open_session(window_size=65536, max_packet_size=4096)
         chan.invoke_subsystem("sftp")
         sftp = paramiko.SFTPClient(chan)
@@ -176,6 +180,8 @@ def test_small_client_window_and_packets(tunnel: Any, session_key: Any, export_d
     if fast(stats):
         # every reply byte in packets of at most 4 KiB, sent only into the window the client opened
         assert stats["packets_out"] >= (1 << 20) // 4096
+        if rekey_every:
+            assert stats["handed_back"] >= 10
 
 
 def test_two_sessions_on_one_connection(client: Any, export_dir: str, flog: FastLog) -> None:

@@ -34,7 +34,7 @@ import threading
 from typing import Any
 
 import paramiko
-from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST
+from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST, cMSG_CHANNEL_WINDOW_ADJUST
 from paramiko.packet import NeedRekeyException, Packetizer
 
 from . import log
@@ -43,7 +43,7 @@ from . import log
 ENABLED = True
 
 # How often a parked paramiko thread re-checks that its transport still lives.
-PARK_RECHECK = 0.25
+PARK_RECHECK = 2.0  # close(), give_back() and release() wake it at once; this is a safety net
 
 # Largest inner packet accepted on the fast path (OpenSSH's PACKET_MAX_SIZE).
 MAX_PACKET = 256 * 1024
@@ -281,6 +281,7 @@ class SessionIO:
         if self._pending:
             out = b"".join(self._pending)
             self._pending = []
+            self._consumed(len(out))
             return out
         if not self.lean:
             try:
@@ -292,10 +293,13 @@ class SessionIO:
             self._give_back(rekey=True)
             return None
         try:
-            return self._lean_read()
+            data = self._lean_read()
         except (paramiko.SSHException, EOFError, OSError) as e:
             self.fail(e)
             raise
+        if data:
+            self._consumed(len(data))
+        return data
 
     def fail(self, why: BaseException) -> None:
         """A broken inner packet (or the tunnel gone) on the fast path: the whole inner connection ends.
@@ -303,7 +307,8 @@ class SessionIO:
         paramiko cannot read on after a packet it did not see, so the
         transport is closed, as paramiko closes it on a bad packet.
         """
-        self.xlog(f"inner transport closed on the fast path: {why!r}", loglevel=log.loglevel_INFO)
+        level = log.loglevel_WARN if isinstance(why, paramiko.SSHException) else log.loglevel_DEBUG
+        self.xlog(f"inner transport closed on the fast path: {why!r}", loglevel=level)
         self.lean = False
         if self.transport is not None:
             self.transport.close()
@@ -324,7 +329,8 @@ class SessionIO:
             recipient, size = struct.unpack_from(">II", plain, 2)
             if recipient == self.chan.chanid and 10 + size + pad <= len(plain) and pad >= 4:
                 self.packets_in += 1
-                self._consumed(size)
+                # The window opens as the engine takes the data (recv), not before:
+                # what waits in _pending stays within the window we gave.
                 return plain[10:10 + size] if size else None
         elif len(plain) >= 10 and plain[1] == MSG_CHANNEL_WINDOW_ADJUST:
             recipient, nbytes = struct.unpack_from(">II", plain, 2)
@@ -374,8 +380,16 @@ class SessionIO:
 
     def _consumed(self, n: int) -> None:
         ack = self.chan._check_add_window(n)
-        if ack > 0:
+        if ack <= 0:
+            return
+        if self.lean:
             self._send_plain(_ADJUST.pack(MSG_CHANNEL_WINDOW_ADJUST, self.chan.remote_chanid, ack))
+        else:  # paramiko's way (it waits out a key exchange), as Channel.recv does
+            m = paramiko.Message()
+            m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
+            m.add_int(self.chan.remote_chanid)
+            m.add_int(ack)
+            self.transport._send_user_message(m)
 
     def _give_back(self, pushback: tuple[int, paramiko.Message] | None = None, rekey: bool = False) -> None:
         assert self.pk is not None
