@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -273,3 +274,64 @@ def test_corrupted_packet_ends_the_connection_cleanly(no_leaks: None, tunnel: An
         roundtrip(sftp, export_dir + "/i.bin", 100_000)
     finally:
         transport.close()
+
+
+def test_messages_for_paramiko_while_waiting_for_window(tunnel: Any, session_key: Any, export_dir: str,
+                                                        flog: FastLog) -> None:
+    """A message for paramiko arrives while the engine waits for the client to open its window:
+    paramiko must take it and then read on (not park) so that the window adjust gets through."""
+    window = 32768
+    data = os.urandom(200_000)
+    with open(export_dir + "/j.bin", "wb") as f:
+        f.write(data)
+    sock = socket.create_connection(("127.0.0.1", tunnel.server_port))
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client()
+        transport.auth_publickey(current_local_user(), session_key)
+        chan = transport.open_session(window_size=window, max_packet_size=4096)
+        chan.settimeout(30)
+        chan.invoke_subsystem("sftp")
+
+        def request(t: int, body: bytes) -> None:
+            chan.sendall(struct.pack(">IB", len(body) + 1, t) + body)
+
+        consumed = [0]
+
+        def reply() -> bytes:
+            head = recv_exact(chan, 4)
+            body = recv_exact(chan, struct.unpack(">I", head)[0])
+            consumed[0] += 4 + len(body)
+            return body
+
+        request(1, struct.pack(">I", 3))  # INIT
+        reply()
+        path = (export_dir + "/j.bin").encode()
+        request(3, struct.pack(">II", 1, len(path)) + path + struct.pack(">II", 1, 0))  # OPEN read
+        handle_reply = reply()
+        (hlen,) = struct.unpack_from(">I", handle_reply, 5)
+        handle = handle_reply[9:9 + hlen]
+        request(5, struct.pack(">II", 2, hlen) + handle + struct.pack(">QI", 0, len(data)))  # READ all
+        # Do not read (reading opens the window): wait until the server has filled the window
+        # (what was read so far is below paramiko's threshold for a window adjust).
+        assert consumed[0] < window // 10
+        pipe = chan.in_buffer
+        with pipe._lock:
+            assert pipe._cv.wait_for(lambda: len(pipe._buffer) >= window - consumed[0], 30)
+        transport.send_ignore(8)  # now the engine waits for window; this goes to paramiko
+        body = reply()
+        assert body[0] == 103 and body[9:] == data[:len(body) - 9]  # DATA, the file's first bytes
+    finally:
+        transport.close()
+    (stats,) = flog.wait()
+    if fast(stats):
+        assert stats["handed_back"] >= 1
+
+
+def recv_exact(chan: paramiko.Channel, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = chan.recv(n - len(out))
+        assert chunk, "channel closed"
+        out += chunk
+    return out

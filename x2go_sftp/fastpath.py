@@ -258,9 +258,10 @@ class SessionIO:
             else:
                 self._sending = True
                 return False
-        # Input paramiko fed before it parked comes first.
-        while self.chan.recv_ready():
-            self._pending.append(bytes(self.chan.recv(1 << 20)))
+        # Input paramiko fed before it parked comes first (its window opens when recv hands it over).
+        early = self.chan.in_buffer.empty()
+        if early:
+            self._pending.append(bytes(early))
         return True
 
     def offer(self) -> bool:
@@ -401,15 +402,15 @@ class SessionIO:
 
     # -- output ---------------------------------------------------------------
     def sendall(self, data: bytes) -> None:
-        if not self.lean and not self._take_offer_or_mark_sending():
-            try:
-                self.chan.sendall(data)
-            finally:
-                self._sending = False
-            return
         chan = self.chan
         view = memoryview(data)
         while view:
+            if not self.lean and not self._take_offer_or_mark_sending():
+                try:
+                    chan.sendall(bytes(view))
+                finally:
+                    self._sending = False
+                return
             with chan.lock:
                 if chan.closed or chan.eof_sent or not chan.active:
                     raise OSError("Socket is closed")
@@ -417,19 +418,17 @@ class SessionIO:
                 if n > 0:
                     chan.out_window_size -= n
             if n <= 0:
-                if not self._wait_window():
-                    chan.sendall(bytes(view))  # paramiko reads again: it gets the window adjusts
-                    return
+                self._wait_window()  # returns with window, or off the fast path
                 continue
             self._send_data(chan.remote_chanid, view[:n])
             view = view[n:]
 
-    def _wait_window(self) -> bool:
-        """Read packets until the peer opens the window; False if the fast path had to end."""
+    def _wait_window(self) -> None:
+        """Read packets until the peer opens the window, or the fast path has to end."""
         while self.lean:
             if self._rekey_due:
                 self._give_back(rekey=True)
-                return False
+                return
             try:
                 data = self._lean_read()
             except (paramiko.SSHException, EOFError, OSError) as e:
@@ -437,11 +436,8 @@ class SessionIO:
                 raise
             if data:
                 self._pending.append(data)
-            elif data == b"":
-                raise EOFError()
             if self.chan.out_window_size > 0:
-                return True
-        return False
+                return
 
     def _send_data(self, remote: int, data: memoryview) -> None:
         size = len(data)
