@@ -335,23 +335,23 @@ def test_extensions_used_by_openssh_sftp(peer: Peer) -> None:
     print("extensions used by OpenSSH sftp:", " ".join(sorted(seen)))
 
 
-def test_openssh_rekeying_every_512k_keeps_data_intact(peer: Peer, tmp_path: Path,
+def test_openssh_rekeying_every_256k_keeps_data_intact(peer: Peer, tmp_path: Path,
                                                        sshfs_mount: Callable[..., Path]) -> None:
     """OpenSSH's client asks for new keys mid-transfer (RekeyLimit): each exchange must pass
     through paramiko while the data around it takes the fast path (x2go_sftp.fastpath)."""
     src = tmp_path / "src.bin"
-    src.write_bytes(os.urandom(6 * 1024 * 1024 + 5))
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
     back = tmp_path / "back.bin"
     res = run_sftp(peer.tunnel.server_port, peer.keyfile, peer.ident,
                    f"put {src} {peer.export}/rekey.bin\nget {peer.export}/rekey.bin {back}\n",
-                   extra_args=("-v", "-o", "RekeyLimit=512K"))
+                   extra_args=("-v", "-o", "RekeyLimit=256K"))
     assert res.returncode == 0, res.stderr
     assert res.stderr.count("SSH2_MSG_NEWKEYS received") >= 10  # the client really rekeyed, many times
     assert sha(peer.export / "rekey.bin") == sha(src) == sha(back)
-    # sshfs with X2Go's options plus the same limit: 16 MiB each way through the mount
+    # sshfs with X2Go's options plus a limit: 6 MiB each way through the mount
     mnt = sshfs_mount(peer.tunnel.server_port, peer.keyfile, peer.ident, str(peer.export),
                       ["-o", "RekeyLimit=512K"])
-    data = os.urandom(16 * 1024 * 1024)
+    data = os.urandom(6 * 1024 * 1024)
     (mnt / "rekey2.bin").write_bytes(data)
     assert (peer.export / "rekey2.bin").read_bytes() == data
     assert (mnt / "rekey.bin").read_bytes() == src.read_bytes()
