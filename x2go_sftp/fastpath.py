@@ -182,8 +182,8 @@ class LeanPacketizer(Packetizer):
 def install(transport: paramiko.Transport) -> bool:
     """Make ``transport``'s packetizer a :class:`LeanPacketizer` (before the transport starts)."""
     pk = transport.packetizer
-    if not ENABLED or type(pk) is not Packetizer:
-        return False
+    if not ENABLED or type(pk) is not Packetizer or not all(hasattr(pk, _P + n) for n in _REQUIRED):
+        return False  # not paramiko's own packetizer, or a paramiko without AES-GCM (< 3.5)
     pk.__class__ = LeanPacketizer
     pk.lean_init()
     return True
