@@ -290,17 +290,21 @@ class SessionIO:
             except Handover:
                 self.lean = True
                 self.stretches += 1
+        data = self._lean_step()
+        if data:
+            self._consumed(len(data))
+        return data
+
+    def _lean_step(self) -> bytes | None:
+        """Hand back if a rekey is due (None); else one packet: its data for the engine, or None."""
         if self._rekey_due:
             self._give_back(rekey=True)
             return None
         try:
-            data = self._lean_read()
+            return self._lean_read()
         except (paramiko.SSHException, EOFError, OSError) as e:
             self.fail(e)
             raise
-        if data:
-            self._consumed(len(data))
-        return data
 
     def fail(self, why: BaseException) -> None:
         """A broken inner packet (or the tunnel gone) on the fast path: the whole inner connection ends.
@@ -426,14 +430,7 @@ class SessionIO:
     def _wait_window(self) -> None:
         """Read packets until the peer opens the window, or the fast path has to end."""
         while self.lean:
-            if self._rekey_due:
-                self._give_back(rekey=True)
-                return
-            try:
-                data = self._lean_read()
-            except (paramiko.SSHException, EOFError, OSError) as e:
-                self.fail(e)
-                raise
+            data = self._lean_step()
             if data:
                 self._pending.append(data)
             if self.chan.out_window_size > 0:
