@@ -60,6 +60,11 @@ _REQUIRED = ("block_engine_in", "block_engine_out", "iv_in", "iv_out", "aead_in"
              "compress_engine_in", "compress_engine_out", "dump_packets", "closed")
 
 
+def _next_iv(iv: bytes) -> bytes:
+    """The next AES-GCM nonce: the 64-bit invocation counter after the fixed field (RFC 5647 7.1)."""
+    return iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+
+
 class Handover(Exception):
     """Raised by a channel's pipe to its reader: paramiko is parked, read the transport yourself."""
 
@@ -80,10 +85,6 @@ class LeanPacketizer(Packetizer):
 
     def lean_init(self) -> None:
         self._lean_cv = threading.Condition(threading.Lock())
-
-    def lean_capable(self) -> bool:
-        """True if this paramiko keeps the fields the fast path works on."""
-        return self._lean_cv is not None and all(hasattr(self, _P + name) for name in _REQUIRED)
 
     # -- paramiko's thread -------------------------------------------------
     def read_message(self) -> tuple[int, paramiko.Message]:
@@ -155,7 +156,7 @@ class LeanPacketizer(Packetizer):
         with d[_P + "write_lock"]:
             iv = d[_P + "iv_out"]
             out = head + d[_P + "block_engine_out"].encrypt(iv, plain, head)
-            d[_P + "iv_out"] = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+            d[_P + "iv_out"] = _next_iv(iv)
             d[_P + "sequence_number_out"] = (d[_P + "sequence_number_out"] + 1) & 0xFFFFFFFF
             self.write_all(out)
             sent = d[_P + "sent_bytes"] = d[_P + "sent_bytes"] + len(out)
@@ -171,7 +172,7 @@ class LeanPacketizer(Packetizer):
         d = self.__dict__
         iv = d[_P + "iv_in"]
         plain = d[_P + "block_engine_in"].decrypt(iv, body, head)
-        d[_P + "iv_in"] = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+        d[_P + "iv_in"] = _next_iv(iv)
         seq = d[_P + "sequence_number_in"]
         d[_P + "sequence_number_in"] = (seq + 1) & 0xFFFFFFFF
         got = d[_P + "received_bytes"] = d[_P + "received_bytes"] + len(body) + 4
@@ -205,7 +206,8 @@ class SessionIO:
         sock = getattr(pk, "_" + "Packetizer__socket", None)
         self.pk: LeanPacketizer | None = None
         self.sock: Any = None
-        if isinstance(pk, LeanPacketizer) and pk.lean_capable() and hasattr(sock, "read_buffered"):
+        # install() made it a LeanPacketizer only where paramiko has every field the fast path uses.
+        if isinstance(pk, LeanPacketizer) and pk._lean_cv is not None and hasattr(sock, "read_buffered"):
             self.pk, self.sock = pk, sock
         self.lean = False
         self._pending: list[bytes] = []  # data read while waiting for window on the fast path
