@@ -15,6 +15,9 @@ with X2Go's exact options.  Variants, each in its own process:
 * ``openssh`` the all-OpenSSH tunnel: ``ssh -R`` (with a command running) to the
   same sshd, ending at a second local sshd whose sftp-server serves the folder
 * ``legacy``  the 2014 design of python-x2go's sftpserver (tests/bench/legacy.py), under gevent
+* ``forward`` the floor under any in-process design: python-x2go's connection
+  (paramiko, gevent) only relays each forwarded channel to the local sshd, which
+  does the inner SSH and SFTP in C; its "hop CPU" is the paramiko hop alone
 * ``direct``  sshfs straight to the local sshd, no tunnel
 
 Prints one table (median of the rounds, with the spread) and the ratios
@@ -58,7 +61,7 @@ REMOTE_COMMAND = "sleep 100000"
 # Extra mounts for the idle-RSS and concurrency measurements.
 PARALLEL_MOUNTS = 8
 
-VARIANTS = ("gevent", "threads", "gevent-gcm", "openssh", "legacy", "direct")
+VARIANTS = ("gevent", "threads", "gevent-gcm", "openssh", "legacy", "forward", "direct")
 # Ablation variants: "gevent-no-hold", "threads-no-readahead+hold", ... (this
 # library with the named optimisations off, see worker.disable), interleaved
 # with the others round by round.
@@ -95,6 +98,9 @@ class Endpoint:
     pids: Callable[[], list[int]]
     single_process: int | None  # the library's process: RSS is exact; else PSS of pids()
     stop: Callable[[], None]
+    # The process carrying the outer hop: the library's (everything), the relay's
+    # (paramiko's hop alone) or OpenSSH's ssh -R client.
+    hop_pids: Callable[[], list[int]] | None = None
 
 
 @dataclass
@@ -136,6 +142,8 @@ class Bench:
             return self._worker("gevent", "--outer-gcm")
         if variant in ("gevent", "threads", "legacy"):
             return self._worker(variant)
+        if variant == "forward":
+            return self._relay()
         if ABLATION_MARK in variant:
             base, _, off = variant.partition(ABLATION_MARK)
             return self._worker(base, "--disable", ",".join(filter(None, [self.disable, *off.split("+")])))
@@ -168,7 +176,19 @@ class Bench:
                 proc.kill()
                 proc.wait(10)
 
-        return Endpoint(port, lambda p: topo.known_hosts_line(p, host), lambda: [proc.pid], proc.pid, stop)
+        return Endpoint(port, lambda p: topo.known_hosts_line(p, host), lambda: [proc.pid], proc.pid, stop,
+                        lambda: [proc.pid])
+
+    def _relay(self) -> Endpoint:
+        worker = self._worker("forward", "--target", str(self.local.port))
+        host = self.local.host_key
+
+        def pids() -> list[int]:
+            return worker.pids() + [p for p in topo.process_tree(self.local.process.pid)
+                                    if p != self.local.process.pid]
+
+        return Endpoint(worker.port, lambda p: topo.known_hosts_line(p, host), pids, None, worker.stop,
+                        worker.pids)
 
     def _openssh_tunnel(self) -> Endpoint:
         port = topo.free_port()
@@ -189,7 +209,7 @@ class Bench:
             proc.terminate()
             proc.wait(10)
 
-        return Endpoint(port, lambda p: topo.known_hosts_line(p, host), pids, None, stop)
+        return Endpoint(port, lambda p: topo.known_hosts_line(p, host), pids, None, stop, lambda: [proc.pid])
 
     def _direct(self) -> Endpoint:
         host = self.local.host_key
@@ -345,6 +365,7 @@ class Bench:
             if ep.single_process is not None:
                 topo.reset_peak_rss(ep.single_process)
             cpu0 = topo.cpu_seconds(ep.pids())
+            hop0 = topo.cpu_seconds(ep.hop_pids()) if ep.hop_pids else 0.0
             spy = self.start_profile(ep, variant, "read")
             r.values["read_mbs"] = self.seq_read(mnt, src)
             self.stop_profile(spy)
@@ -354,6 +375,9 @@ class Bench:
             self.stop_profile(spy)
             cpu = topo.cpu_seconds(ep.pids()) - cpu0
             r.values["cpu_ms_per_mb"] = cpu * 1000 / (2 * self.sizes.seq_bytes / MB)
+            if ep.hop_pids:
+                hop = topo.cpu_seconds(ep.hop_pids()) - hop0
+                r.values["hop_cpu_ms_per_mb"] = hop * 1000 / (2 * self.sizes.seq_bytes / MB)
             if ep.single_process is not None:
                 peak = topo.status_kib(ep.single_process, "VmHWM")
             else:
@@ -411,6 +435,7 @@ COLUMNS = (
     ("ls_s", "ls -l {n_ls} (s)", "{:.3f}", False),
     ("request_ms", "one 32 KiB request (ms)", "{:.2f}", False),
     ("cpu_ms_per_mb", "client CPU ms/MB", "{:.2f}", False),
+    ("hop_cpu_ms_per_mb", "of it, the outer hop's process ms/MB", "{:.2f}", False),
     ("rss_growth_mib", "RSS growth moving {moved} (MiB)", "{:.1f}", False),
     ("idle_session_mib", "idle session (MiB)", "{:.2f}", False),
     ("new_channel_ms", "new channel serving SFTP (ms)", "{:.0f}", False),

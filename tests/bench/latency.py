@@ -7,8 +7,8 @@ Builds the benchmark's topology (tests/bench/bench_mount.py: sshd as the
 X2Go server, python-x2go's outer paramiko connection, sshfs with X2Go's
 options), but starts the library worker through this module, which stamps
 ``time.perf_counter_ns()`` along each request's path: the outer transport
-has decrypted the forwarded-channel packet, the inner transport has
-decrypted the SFTP request, the engine starts it, ``pread`` returns, and
+has decrypted the forwarded-channel packet, the inner transport (or the
+engine, on the fast path) has decrypted the SFTP request, the engine starts it, ``pread`` returns, and
 each reply packet has left through the outer transport.  It then reads
 fresh 32 KiB blocks one at a time (``POSIX_FADV_RANDOM``: one FUSE read, one
 SFTP READ each) and prints medians in microseconds next to the client-side
@@ -51,7 +51,7 @@ def stamped_worker(argv: list[str], out: Path) -> None:
     from paramiko.packet import Packetizer
 
     from tests.bench import worker
-    from x2go_sftp import backend, engine
+    from x2go_sftp import backend, engine, fastpath
 
     ns = time.perf_counter_ns
     outer_ids: set[int] = set()
@@ -67,6 +67,28 @@ def stamped_worker(argv: list[str], out: Path) -> None:
         if msg[0] == MSG_CHANNEL_DATA:
             last["outer_in" if id(self) in outer_ids else "inner_in"] = ns()
         return msg
+
+    lean_read = fastpath.SessionIO._read_packet
+    from x2go_sftp import tuning
+
+    feed, pipe_read = tuning.ChunkPipe.feed, tuning.ChunkPipe.read
+
+    def stamped_feed(self: Any, data: bytes) -> None:
+        last["fed"] = ns()
+        feed(self, data)
+
+    def stamped_pipe_read(self: Any, nbytes: int, timeout: Any = None) -> bytes:
+        out = pipe_read(self, nbytes, timeout)
+        last["woke"] = ns()
+        return out
+
+    tuning.ChunkPipe.feed, tuning.ChunkPipe.read = stamped_feed, stamped_pipe_read
+
+    def stamped_lean_read(self: Any) -> Any:  # the inner packet, decrypted on the fast path
+        plain, seq = lean_read(self)
+        if len(plain) > 1 and plain[1] == MSG_CHANNEL_DATA:
+            last["inner_in"] = ns()
+        return plain, seq
 
     def stamped_send(self: Any, data: Any) -> None:
         send_message(self, data)
@@ -90,6 +112,7 @@ def stamped_worker(argv: list[str], out: Path) -> None:
         return start_client(self, *a, **k)
 
     Packetizer.read_message, Packetizer.send_message = stamped_read, stamped_send
+    fastpath.SessionIO._read_packet = stamped_lean_read
     engine.SFTPEngine._process, backend.FileHandle.read = stamped_process, stamped_file_read
     paramiko.Transport.start_client = stamped_start_client
 
@@ -103,6 +126,9 @@ def stamped_worker(argv: list[str], out: Path) -> None:
         out.write_text(json.dumps({
             "requests": len(done),
             "outer decrypted -> inner decrypted": med(lambda r: r["inner_in"] - r["outer_in"]),
+            "outer decrypted -> fed to our pipe": med(lambda r: r.get("fed", 0) - r["outer_in"]),
+            "fed -> reader woke": med(lambda r: r.get("woke", 0) - r.get("fed", 0)),
+            "reader woke -> inner decrypted": med(lambda r: r["inner_in"] - r.get("woke", 0)),
             "inner decrypted -> engine starts": med(lambda r: r["engine"] - r["inner_in"]),
             "engine starts -> pread done": med(lambda r: r["pread_done"] - r["engine"]),
             "pread done -> first outer packet sent": med(lambda r: r["sent"][0] - r["pread_done"]),

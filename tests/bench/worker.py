@@ -2,8 +2,10 @@
 
 Run as ``python -m tests.bench.worker MODE SSHD_PORT KEYDIR [--disable a,b]``.
 MODE is ``gevent`` (this library, gevent-patched as python-x2go runs),
-``threads`` (this library, plain threads) or ``legacy`` (the 2014 design,
-gevent-patched).  The worker logs into the X2Go-server sshd with paramiko,
+``threads`` (this library, plain threads), ``legacy`` (the 2014 design,
+gevent-patched) or ``forward`` (no SFTP server at all: python-x2go's
+connection only relays each forwarded channel to a local sshd, gevent-patched;
+what the outer paramiko hop costs by itself).  The worker logs into the X2Go-server sshd with paramiko,
 runs a long command on the connection (python-x2go always has one), starts
 the tunnel and prints one JSON line ``{"port": N}``.  It exits when its
 standard input closes.  ``--disable`` switches single optimisations off to
@@ -16,7 +18,7 @@ from __future__ import annotations
 import sys
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "gevent"
-if MODE in ("gevent", "legacy"):
+if MODE in ("gevent", "legacy", "forward"):
     from gevent import monkey
 
     monkey.patch_all()
@@ -60,6 +62,53 @@ def wait_for_eof() -> None:
             return
 
 
+class Relay:
+    """The ``forward`` mode: each reverse-forwarded channel relayed to TCP ``target`` (a local sshd).
+
+    The cheapest thing a process holding python-x2go's connection can do with
+    the bytes: no inner SSH, no SFTP.  Its CPU is the floor under any design
+    that keeps that connection in paramiko.
+    """
+
+    def __init__(self, transport: paramiko.Transport, target: int):
+        from x2go_sftp import tuning
+
+        self.transport, self.target, self.tuning = transport, target, tuning
+        tuning.set_tcp_nodelay(transport)
+        self.server_port = transport.request_port_forward("127.0.0.1", 0, self.handler)
+
+    def handler(self, chan: paramiko.Channel, origin: object, server: object) -> None:
+        import threading
+
+        self.tuning.use_chunk_pipe(chan)  # the transport's thread: the channel is ours to tune
+        threading.Thread(target=self.relay, args=(chan,), daemon=True).start()
+
+    def relay(self, chan: paramiko.Channel) -> None:
+        import threading
+
+        sock = socket.create_connection(("127.0.0.1", self.target))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def upstream() -> None:
+            try:
+                while data := sock.recv(256 * 1024):
+                    chan.sendall(data)
+            except OSError:
+                pass
+            chan.close()
+
+        threading.Thread(target=upstream, daemon=True).start()
+        try:
+            while data := chan.recv(256 * 1024):
+                sock.sendall(data)
+        except OSError:
+            pass
+        sock.close()
+
+    def stop(self) -> None:
+        self.transport.cancel_port_forward("127.0.0.1", self.server_port)
+
+
 def disable(names: list[str]) -> None:
     """Switch single optimisations off (benchmark ablation only)."""
     from x2go_sftp import tuning
@@ -88,12 +137,13 @@ def disable(names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("gevent", "threads", "legacy"))
+    parser.add_argument("mode", choices=("gevent", "threads", "legacy", "forward"))
     parser.add_argument("sshd_port", type=int)
     parser.add_argument("keydir", type=Path)
     parser.add_argument("--disable", default="")
     parser.add_argument("--user", default="root")
     parser.add_argument("--outer-gcm", action="store_true")
+    parser.add_argument("--target", type=int, default=0, help="forward mode: the local sshd's port")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                         help="override an integer constant of x2go_sftp.tuning (experiments)")
     args = parser.parse_args()
@@ -104,7 +154,11 @@ def main() -> None:
     off = [n for n in args.disable.split(",") if n]
     transport, command = outer_connection(args.sshd_port, client_key, args.user, "command" not in off)
 
-    if args.mode == "legacy":
+    if args.mode == "forward":
+        relay = Relay(transport, args.target)
+        port = relay.server_port
+        stop = relay.stop
+    elif args.mode == "legacy":
         from tests.bench.legacy import LegacyTunnel
 
         tunnel = LegacyTunnel(transport, session_key, host_key, args.user)
