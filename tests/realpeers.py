@@ -48,12 +48,21 @@ class RealSSHD:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    def connect(self) -> paramiko.Transport:
-        """python-x2go's outer connection: paramiko, key auth as the local user."""
+    def connect(self, command: bool = True) -> paramiko.Transport:
+        """python-x2go's outer connection: paramiko, key auth as the local user.
+
+        With ``command`` (the default) a command runs on it, as python-x2go
+        always has one: sshd sets TCP_NODELAY on its end only once a session
+        runs.  Without, the connection only forwards and sshd's end keeps
+        Nagle on (a state python-x2go never leaves it in, but a caller might).
+        """
         sock = socket.create_connection(("127.0.0.1", self.port))
         transport = paramiko.Transport(sock)
         transport.start_client()
         transport.auth_publickey(current_local_user(), self.client_key)
+        if command:
+            # cat ends when the connection does (sshd does not kill a command without a terminal).
+            transport.open_session().exec_command("cat")
         return transport
 
     def log(self) -> str:

@@ -11,6 +11,7 @@ Content is always checked byte for byte against the local files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -80,18 +81,17 @@ class Peer:
         return res
 
 
-@pytest.fixture(scope="module")
-def peer(real_sshd: RealSSHD, session_key: paramiko.RSAKey, host_key: paramiko.RSAKey,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
-    """Our tunnel over a real sshd, exporting one directory, as python-x2go runs it."""
+@contextlib.contextmanager
+def running_peer(real_sshd: RealSSHD, session_key: paramiko.RSAKey, host_key: paramiko.RSAKey, work: Path,
+                 command: bool = True) -> Iterator[Peer]:
+    """Our tunnel over a real sshd, exporting one directory (``command``: see RealSSHD.connect)."""
     require("sftp")
     if not os.access(OPENSSH_SFTP_SERVER, os.X_OK):
         pytest.fail(f"{OPENSSH_SFTP_SERVER} is missing (apt-get install openssh-server)")
-    work = tmp_path_factory.mktemp("sftp-peer")
     export = work / "export"
-    export.mkdir()
+    export.mkdir(parents=True)
     requests = RequestLog()
-    outer = real_sshd.connect()
+    outer = real_sshd.connect(command)
     tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=session_key, exports=[str(export)],
                                    host_key=host_key, logger=requests)
     tunnel.start()
@@ -103,6 +103,14 @@ def peer(real_sshd: RealSSHD, session_key: paramiko.RSAKey, host_key: paramiko.R
         tunnel.stop_thread()
         tunnel.join(10)
         outer.close()
+
+
+@pytest.fixture(scope="module")
+def peer(real_sshd: RealSSHD, session_key: paramiko.RSAKey, host_key: paramiko.RSAKey,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
+    """Our tunnel over a real sshd, exporting one directory, as python-x2go runs it (a command running)."""
+    with running_peer(real_sshd, session_key, host_key, tmp_path_factory.mktemp("sftp-peer")) as p:
+        yield p
 
 
 def openssh_sftp(commands: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -335,10 +343,22 @@ def test_extensions_used_by_openssh_sftp(peer: Peer) -> None:
     print("extensions used by OpenSSH sftp:", " ".join(sorted(seen)))
 
 
-def test_openssh_rekeying_every_256k_keeps_data_intact(peer: Peer, tmp_path: Path,
-                                                       sshfs_mount: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("outer_command", [True, False], ids=["command-running", "forward-only"])
+def test_openssh_rekeying_every_256k_keeps_data_intact(outer_command: bool, real_sshd: RealSSHD,
+                                                       session_key: paramiko.RSAKey, host_key: paramiko.RSAKey,
+                                                       tmp_path: Path, sshfs_mount: Callable[..., Path]) -> None:
     """OpenSSH's client asks for new keys mid-transfer (RekeyLimit): each exchange must pass
-    through paramiko while the data around it takes the fast path (x2go_sftp.fastpath)."""
+    through paramiko while the data around it takes the fast path (x2go_sftp.fastpath).
+
+    Both states of the outer connection: python-x2go's (a command running), and
+    forward-only, where sshd's end keeps Nagle on and packets arrive later and
+    in more pieces.
+    """
+    with running_peer(real_sshd, session_key, host_key, tmp_path / "peer", outer_command) as peer:
+        rekey_both_clients(peer, tmp_path, sshfs_mount)
+
+
+def rekey_both_clients(peer: Peer, tmp_path: Path, sshfs_mount: Callable[..., Path]) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
     back = tmp_path / "back.bin"

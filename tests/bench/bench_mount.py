@@ -57,7 +57,9 @@ REQUEST_SIZE = 32 * 1024
 # Writes and reads through the mount use this buffer size (like cp / dd bs=1M).
 IO_CHUNK = 1 * MiB
 # The remote command that keeps the outer connection "in use", as python-x2go's sessions do.
-REMOTE_COMMAND = "sleep 100000"
+# cat ends when its input does, that is with the connection (sshd does not kill a
+# command without a terminal; a sleep would outlive the benchmark).
+REMOTE_COMMAND = "cat"
 # Extra mounts for the idle-RSS and concurrency measurements.
 PARALLEL_MOUNTS = 8
 
@@ -197,7 +199,7 @@ class Bench:
              "-o", f"UserKnownHostsFile={self.x2go_known}", "-o", "StrictHostKeyChecking=yes",
              "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ExitOnForwardFailure=yes",
              "-R", f"127.0.0.1:{port}:127.0.0.1:{self.local.port}", "root@127.0.0.1", REMOTE_COMMAND],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # cat's input: open until stop
         topo.wait_for_port(port)
         host = self.local.host_key
 
@@ -208,6 +210,8 @@ class Bench:
         def stop() -> None:
             proc.terminate()
             proc.wait(10)
+            if proc.stdin is not None:
+                proc.stdin.close()
 
         return Endpoint(port, lambda p: topo.known_hosts_line(p, host), pids, None, stop, lambda: [proc.pid])
 

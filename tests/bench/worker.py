@@ -32,8 +32,9 @@ from pathlib import Path  # noqa: E402
 
 import paramiko  # noqa: E402
 
-# Keeps python-x2go's "a command is running on the connection" state for the whole run.
-REMOTE_COMMAND = "sleep 100000"
+# Keeps python-x2go's "a command is running on the connection" state for the whole run;
+# cat ends with the connection (its input), where a sleep would outlive it.
+REMOTE_COMMAND = "cat"
 
 
 def outer_connection(port: int, client_key: paramiko.PKey, user: str,
@@ -109,6 +110,45 @@ class Relay:
         self.transport.cancel_port_forward("127.0.0.1", self.server_port)
 
 
+def count_outer_packets(path: Path) -> None:
+    """Diagnostics: count the outer connection's packets by direction and size; JSON to ``path`` at exit.
+
+    Set with ``X2GO_BENCH_PACKETS=DIR`` (one file per worker).  Wraps paramiko's
+    Packetizer in this benchmark process only.
+    """
+    import atexit
+    import collections
+
+    from paramiko.packet import Packetizer
+
+    counts: dict[str, collections.Counter[int]] = {"in": collections.Counter(), "out": collections.Counter()}
+    outer: set[int] = set()
+    read_message, send_message, start_client = (Packetizer.read_message, Packetizer.send_message,
+                                                paramiko.Transport.start_client)
+
+    def bucket(n: int) -> int:
+        return 0 if n < 1024 else 1 << (n - 1).bit_length()  # 0: below 1 KiB; else the power of 2 above
+
+    def read(self: Packetizer) -> tuple[int, paramiko.Message]:
+        ptype, m = read_message(self)
+        if id(self) in outer:
+            counts["in"][bucket(len(m.asbytes()) + 1)] += 1
+        return ptype, m
+
+    def send(self: Packetizer, data: paramiko.Message) -> None:
+        if id(self) in outer:
+            counts["out"][bucket(len(data.asbytes()))] += 1
+        send_message(self, data)
+
+    def start(self: paramiko.Transport, *a: object, **k: object) -> object:
+        outer.add(id(self.packetizer))
+        return start_client(self, *a, **k)
+
+    Packetizer.read_message, Packetizer.send_message = read, send  # type: ignore[method-assign]
+    paramiko.Transport.start_client = start  # type: ignore[method-assign]
+    atexit.register(lambda: path.write_text(json.dumps({d: dict(c) for d, c in counts.items()})))
+
+
 def disable(names: list[str]) -> None:
     """Switch single optimisations off (benchmark ablation only)."""
     from x2go_sftp import tuning
@@ -152,6 +192,8 @@ def main() -> None:
     session_key = paramiko.RSAKey.from_private_key_file(str(args.keydir / "session"))
     host_key = paramiko.RSAKey.from_private_key_file(str(args.keydir / "inner_host"))
     off = [n for n in args.disable.split(",") if n]
+    if os.environ.get("X2GO_BENCH_PACKETS"):
+        count_outer_packets(Path(os.environ["X2GO_BENCH_PACKETS"]) / f"{args.mode}-{os.getpid()}.json")
     transport, command = outer_connection(args.sshd_port, client_key, args.user, "command" not in off)
 
     if args.mode == "forward":
