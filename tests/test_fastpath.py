@@ -278,56 +278,102 @@ def test_corrupted_packet_ends_the_connection_cleanly(no_leaks: None, tunnel: An
         transport.close()
 
 
+class WindowFilled:
+    """A raw SFTP client whose small window the server has filled: the engine now waits for window."""
+
+    WINDOW = 32768
+
+    def __init__(self, port: int, session_key: paramiko.RSAKey, export_dir: str):
+        self.data = os.urandom(200_000)
+        with open(export_dir + "/j.bin", "wb") as f:
+            f.write(self.data)
+        self.consumed = 0
+        self.transport = paramiko.Transport(socket.create_connection(("127.0.0.1", port)))
+        try:
+            self.transport.start_client()
+            self.transport.auth_publickey(current_local_user(), session_key)
+            self.chan = chan = self.transport.open_session(window_size=self.WINDOW, max_packet_size=4096)
+            chan.settimeout(30)
+            chan.invoke_subsystem("sftp")
+            self.request(1, struct.pack(">I", 3))  # INIT
+            self.reply()
+            path = (export_dir + "/j.bin").encode()
+            self.request(3, struct.pack(">II", 1, len(path)) + path + struct.pack(">II", 1, 0))  # OPEN read
+            handle_reply = self.reply()
+            (hlen,) = struct.unpack_from(">I", handle_reply, 5)
+            handle = handle_reply[9:9 + hlen]
+            self.request(5, struct.pack(">II", 2, hlen) + handle + struct.pack(">QI", 0, len(self.data)))  # READ all
+            # Do not read (reading opens the window): wait until the server has filled the window
+            # (what was read so far is below paramiko's threshold for a window adjust).
+            assert self.consumed < self.WINDOW // 10
+            pipe = chan.in_buffer
+            with pipe._lock:
+                assert pipe._cv.wait_for(lambda: len(pipe._buffer) >= self.WINDOW - self.consumed, 30)
+        except BaseException:
+            self.transport.close()
+            raise
+
+    def request(self, t: int, body: bytes) -> None:
+        self.chan.sendall(struct.pack(">IB", len(body) + 1, t) + body)
+
+    def reply(self) -> bytes:
+        head = recv_exact(self.chan, 4)
+        body = recv_exact(self.chan, struct.unpack(">I", head)[0])
+        self.consumed += 4 + len(body)
+        return body
+
+
 def test_messages_for_paramiko_while_waiting_for_window(tunnel: Any, session_key: Any, export_dir: str,
                                                         flog: FastLog) -> None:
     """A message for paramiko arrives while the engine waits for the client to open its window:
     paramiko must take it and then read on (not park) so that the window adjust gets through."""
-    window = 32768
-    data = os.urandom(200_000)
-    with open(export_dir + "/j.bin", "wb") as f:
-        f.write(data)
-    sock = socket.create_connection(("127.0.0.1", tunnel.server_port))
-    transport = paramiko.Transport(sock)
+    client = WindowFilled(tunnel.server_port, session_key, export_dir)
     try:
-        transport.start_client()
-        transport.auth_publickey(current_local_user(), session_key)
-        chan = transport.open_session(window_size=window, max_packet_size=4096)
-        chan.settimeout(30)
-        chan.invoke_subsystem("sftp")
-
-        def request(t: int, body: bytes) -> None:
-            chan.sendall(struct.pack(">IB", len(body) + 1, t) + body)
-
-        consumed = [0]
-
-        def reply() -> bytes:
-            head = recv_exact(chan, 4)
-            body = recv_exact(chan, struct.unpack(">I", head)[0])
-            consumed[0] += 4 + len(body)
-            return body
-
-        request(1, struct.pack(">I", 3))  # INIT
-        reply()
-        path = (export_dir + "/j.bin").encode()
-        request(3, struct.pack(">II", 1, len(path)) + path + struct.pack(">II", 1, 0))  # OPEN read
-        handle_reply = reply()
-        (hlen,) = struct.unpack_from(">I", handle_reply, 5)
-        handle = handle_reply[9:9 + hlen]
-        request(5, struct.pack(">II", 2, hlen) + handle + struct.pack(">QI", 0, len(data)))  # READ all
-        # Do not read (reading opens the window): wait until the server has filled the window
-        # (what was read so far is below paramiko's threshold for a window adjust).
-        assert consumed[0] < window // 10
-        pipe = chan.in_buffer
-        with pipe._lock:
-            assert pipe._cv.wait_for(lambda: len(pipe._buffer) >= window - consumed[0], 30)
-        transport.send_ignore(8)  # now the engine waits for window; this goes to paramiko
-        body = reply()
-        assert body[0] == 103 and body[9:] == data[:len(body) - 9]  # DATA, the file's first bytes
+        client.transport.send_ignore(8)  # now the engine waits for window; this goes to paramiko
+        body = client.reply()
+        assert body[0] == 103 and body[9:] == client.data[:len(body) - 9]  # DATA, the file's first bytes
     finally:
-        transport.close()
+        client.transport.close()
     (stats,) = flog.wait()
     if fast(stats):
         assert stats["handed_back"] >= 1
+
+
+def test_a_client_sending_past_its_window_is_cut_off(no_leaks: None, tunnel: Any, session_key: Any,
+                                                     export_dir: str, flog: FastLog) -> None:
+    """While the engine waits for window, input is held unacknowledged: a client that ignores the
+    window we gave it (2 MiB) must lose its connection, not fill our memory; the tunnel serves on."""
+    client = WindowFilled(tunnel.server_port, session_key, export_dir)
+    try:
+        chan = client.chan
+        assert chan.out_window_size <= tuning.INNER_WINDOW_SIZE
+        chan.out_window_size = 1 << 40  # this client pretends it may send without limit
+        try:
+            for _ in range(6):
+                chan.sendall(b"\0" * (1 << 20))
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # cut off while sending
+        # Everything the server sent before the cut is still readable; then the channel ends
+        # (or the client's own window adjust fails on the closed connection).
+        while True:
+            try:
+                if not chan.recv(65536):
+                    break
+            except TimeoutError:
+                pytest.fail("the server kept a client that sent past its window")
+            except (OSError, EOFError, paramiko.SSHException):
+                break
+        client.transport.join(30)  # its thread ends when the server has closed the connection
+        assert not client.transport.is_alive(), "the server kept a client that sent past its window"
+    finally:
+        client.transport.close()
+    (stats,) = flog.wait()
+    fast(stats)
+    transport, sftp = sftp_client(tunnel.server_port, session_key, current_local_user())
+    try:
+        roundtrip(sftp, export_dir + "/after.bin", 100_000)
+    finally:
+        transport.close()
 
 
 def recv_exact(chan: paramiko.Channel, n: int) -> bytes:

@@ -211,6 +211,7 @@ class SessionIO:
             self.pk, self.sock = pk, sock
         self.lean = False
         self._pending: list[bytes] = []  # data read while waiting for window on the fast path
+        self._pending_bytes = 0
         self._rekey_due = False
         self._sending = False  # in a send through paramiko (see _take_offer_or_mark_sending)
         self.stretches = 0  # times the fast path was taken (for tests and logs)
@@ -263,7 +264,7 @@ class SessionIO:
         # Input paramiko fed before it parked comes first (its window opens when recv hands it over).
         early = self.chan.in_buffer.empty()
         if early:
-            self._pending.append(bytes(early))
+            self._hold(bytes(early))
         return True
 
     def offer(self) -> bool:
@@ -283,7 +284,7 @@ class SessionIO:
         """
         if self._pending:
             out = b"".join(self._pending)
-            self._pending = []
+            self._pending, self._pending_bytes = [], 0
             self._consumed(len(out))
             return out
         if not self.lean:
@@ -434,9 +435,23 @@ class SessionIO:
         while self.lean:
             data = self._lean_step()
             if data:
-                self._pending.append(data)
+                self._hold(data)
             if self.chan.out_window_size > 0:
                 return
+
+    def _hold(self, data: bytes) -> None:
+        """Keep input for the engine's next ``recv``: never more than the window we gave the client.
+
+        Held input is not acknowledged yet, so a client within its window
+        cannot exceed it; one that does is cut off (as paramiko is, by the
+        channel's ``ChunkPipe``), instead of filling our memory.
+        """
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > self.chan.in_window_size:
+            self.fail(paramiko.SSHException(
+                f"the client sent {self._pending_bytes} bytes, more than the window of {self.chan.in_window_size}"))
+            raise EOFError("inner transport closed: the client exceeded its window")
 
     def _send_data(self, remote: int, data: memoryview) -> None:
         size = len(data)

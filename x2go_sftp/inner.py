@@ -34,7 +34,8 @@ class TunedSFTPEngine(SFTPEngine):
     def __init__(self, channel: paramiko.Channel, *args: Any, **kwargs: Any):
         # paramiko builds subsystem handlers in the transport's own thread,
         # before it confirms the subsystem: the one safe moment to swap the pipe.
-        tuning.use_chunk_pipe(channel)
+        # The window we gave the client bounds what it may have buffered here.
+        tuning.use_chunk_pipe(channel, limit=channel.in_window_size)
         tuning.fit_inner_packets(channel)
         super().__init__(channel, *args, **kwargs)
         self.fast = fastpath.SessionIO(channel, kwargs.get("logger"))

@@ -174,10 +174,16 @@ class ChunkPipe(BufferedPipe):
     window) each time; under sshfs writes that was the largest single cost.
     Here a read takes whole chunks where it can (no copy) and slices only the
     chunk it ends in.  Same interface and semantics as ``BufferedPipe``.
+
+    With a ``limit`` (the receive window we gave the peer), data beyond it is
+    a protocol violation: ``feed`` raises ``paramiko.SSHException`` (paramiko
+    then closes the transport, as OpenSSH does on "rcvd too much data")
+    instead of buffering without bound.  paramiko itself never checks.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         super().__init__()
+        self.limit = limit
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
         self._offset = 0  # bytes of _chunks[0] already read
@@ -206,6 +212,9 @@ class ChunkPipe(BufferedPipe):
 
     def feed(self, data: bytes) -> None:
         with self._lock:
+            if self.limit is not None and self._size + len(data) > self.limit:
+                raise paramiko.SSHException(
+                    f"the peer sent {self._size + len(data)} bytes, more than the window of {self.limit}")
             if self._event is not None:
                 self._event.set()
             if data:
@@ -294,8 +303,10 @@ class ChunkPipe(BufferedPipe):
             return self._size
 
 
-def use_chunk_pipe(chan: paramiko.Channel) -> bool:
+def use_chunk_pipe(chan: paramiko.Channel, limit: int | None = None) -> bool:
     """Give ``chan`` a :class:`ChunkPipe` for its incoming data, keeping anything already buffered.
+
+    ``limit`` only for channels whose transport is ours (a violation closes it).
 
     Only safe from the thread of the channel's transport (the only thread that
     feeds the pipe), e.g. in a ``tcpip-forward`` handler or a subsystem
@@ -310,7 +321,7 @@ def use_chunk_pipe(chan: paramiko.Channel) -> bool:
     old = chan.in_buffer
     if type(old) is not BufferedPipe:
         return False  # already ours, or someone else's subclass: leave it
-    new = ChunkPipe()
+    new = ChunkPipe(limit)
     pending = old.empty()
     if pending:
         new.feed(pending)
