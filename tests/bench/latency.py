@@ -2,6 +2,7 @@
 
     python -m tests.bench.latency gevent      # or: threads
     python -m tests.bench.latency gevent --requests 400
+    python -m tests.bench.latency gevent --small  # a small request instead: LSTAT of a name that does not exist
 
 Builds the benchmark's topology (tests/bench/bench_mount.py: sshd as the
 X2Go server, python-x2go's outer paramiko connection, sshfs with X2Go's
@@ -43,9 +44,10 @@ from typing import Any  # noqa: E402
 
 MSG_CHANNEL_DATA = 94
 SFTP_READ = 5
+SFTP_LSTAT = 7
 
 
-def stamped_worker(argv: list[str], out: Path) -> None:
+def stamped_worker(argv: list[str], out: Path, kind: int) -> None:
     """Run tests.bench.worker with stamps; write the medians to ``out`` at exit."""
     import paramiko
     from paramiko.packet import Packetizer
@@ -100,6 +102,8 @@ def stamped_worker(argv: list[str], out: Path) -> None:
             rows.append(current.pop())
         current.append({"t": t, "engine": ns(), **last})
         process(self, t, rid, req)
+        if current:
+            current[0]["engine_done"] = ns()
 
     def stamped_file_read(self: Any, offset: int, length: int) -> Any:
         data = file_read(self, offset, length)
@@ -112,13 +116,34 @@ def stamped_worker(argv: list[str], out: Path) -> None:
         return start_client(self, *a, **k)
 
     Packetizer.read_message, Packetizer.send_message = stamped_read, stamped_send
+
+    def entry_stamp(cls: Any, name: str, label: str) -> None:
+        """Stamp the first call of ``cls.name`` after the engine started the current request."""
+        orig = getattr(cls, name)
+
+        def wrapped(self: Any, *a: Any, **k: Any) -> Any:
+            if current and label not in current[0]:
+                current[0][label] = ns()
+            return orig(self, *a, **k)
+
+        setattr(cls, name, wrapped)
+
+    # Along the reply's way out, in order (relative to the engine starting the request).
+    reply_path = [(engine.SFTPEngine, "_flush", "engine flushes"),
+                  (fastpath.SessionIO, "sendall", "fast path sendall"),
+                  (fastpath.LeanPacketizer, "lean_send", "inner packet encrypted, sending"),
+                  (paramiko.Channel, "send", "outer Channel.send"),
+                  (paramiko.Transport, "_send_user_message", "outer _send_user_message"),
+                  (Packetizer, "send_message", "outer send_message")]
+    for cls, name, label in reply_path:
+        entry_stamp(cls, name, label)
     fastpath.SessionIO._read_packet = stamped_lean_read
     engine.SFTPEngine._process, backend.FileHandle.read = stamped_process, stamped_file_read
     paramiko.Transport.start_client = stamped_start_client
 
     def dump() -> None:
-        done = [r for r in rows + current if r["t"] == SFTP_READ and r.get("sent") and r["outer_in"]
-                and r["inner_in"] and "pread_done" in r]
+        done = [r for r in rows + current if r["t"] == kind and r.get("sent") and r["outer_in"]
+                and r["inner_in"] and ("pread_done" in r or kind != SFTP_READ)]
 
         def med(f: Any) -> int:
             return round(statistics.median(f(r) for r in done) / 1000) if done else -1
@@ -130,9 +155,12 @@ def stamped_worker(argv: list[str], out: Path) -> None:
             "fed -> reader woke": med(lambda r: r.get("woke", 0) - r.get("fed", 0)),
             "reader woke -> inner decrypted": med(lambda r: r["inner_in"] - r.get("woke", 0)),
             "inner decrypted -> engine starts": med(lambda r: r["engine"] - r["inner_in"]),
-            "engine starts -> pread done": med(lambda r: r["pread_done"] - r["engine"]),
-            "pread done -> first outer packet sent": med(lambda r: r["sent"][0] - r["pread_done"]),
+            "engine starts -> pread done": med(lambda r: r.get("pread_done", r["engine"]) - r["engine"]),
+            "engine starts -> handler returned": med(lambda r: r["engine_done"] - r["engine"]),
+            "pread done -> first outer packet sent": med(lambda r: r["sent"][0] - r.get("pread_done", r["engine"])),
             "first -> last outer packet sent": med(lambda r: r["sent"][-1] - r["sent"][0]),
+            **{f"engine starts -> {label}": med(lambda r, label=label: r.get(label, r["engine"]) - r["engine"])
+               for _, _, label in reply_path},
             "outer packets per reply": round(statistics.median(len(r["sent"]) for r in done)) if done else -1,
             "in process: outer decrypted -> last sent": med(lambda r: r["sent"][-1] - r["outer_in"]),
         }))
@@ -146,6 +174,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("gevent", "threads"))
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--small", action="store_true",
+                        help="time LSTAT of fresh names that do not exist (one small request and reply each)")
     args = parser.parse_args()
     from tests.bench import bench_mount as bm
 
@@ -158,7 +188,8 @@ def main() -> int:
 
                 def popen(cmd: list[str], *a: Any, **k: Any) -> Any:
                     if cmd[1:3] == ["-m", "tests.bench.worker"]:
-                        cmd = [cmd[0], "-m", "tests.bench.latency", WORKER_FLAG, *cmd[3:], f"--stamps={stamps}"]
+                        cmd = [cmd[0], "-m", "tests.bench.latency", WORKER_FLAG, *cmd[3:], f"--stamps={stamps}",
+                               f"--kind={SFTP_LSTAT if args.small else SFTP_READ}"]
                     return real_popen(cmd, *a, **k)
 
                 subprocess.Popen = popen  # type: ignore[misc]
@@ -172,20 +203,31 @@ def main() -> int:
         try:
             ep = bench.endpoint(args.mode)
             mnt = bench.mount(ep)
-            name = bench.local_file(args.requests * bm.REQUEST_SIZE)
-            fd = os.open(mnt / name, os.O_RDONLY)
             times = []
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            if args.small:
                 for i in range(args.requests):
                     t0 = time.perf_counter_ns()
-                    os.pread(fd, bm.REQUEST_SIZE, i * bm.REQUEST_SIZE)
+                    try:
+                        os.stat(mnt / f"absent-{i}")
+                    except FileNotFoundError:
+                        pass
                     times.append(time.perf_counter_ns() - t0)
-            finally:
-                os.close(fd)
+                what = "one stat of an absent name (LSTAT)"
+            else:
+                name = bench.local_file(args.requests * bm.REQUEST_SIZE)
+                fd = os.open(mnt / name, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                    for i in range(args.requests):
+                        t0 = time.perf_counter_ns()
+                        os.pread(fd, bm.REQUEST_SIZE, i * bm.REQUEST_SIZE)
+                        times.append(time.perf_counter_ns() - t0)
+                finally:
+                    os.close(fd)
+                what = "one 32 KiB pread"
             bench.unmount_all()
             ep.stop()
-            print(f"{args.mode}: one 32 KiB pread through the mount, median {statistics.median(times) / 1000:.0f} us")
+            print(f"{args.mode}: {what} through the mount, median {statistics.median(times) / 1000:.0f} us")
             for key, value in json.loads(stamps.read_text()).items():
                 print(f"  {key}: {value}" + ("" if key in ("requests", "outer packets per reply") else " us"))
         finally:
@@ -195,8 +237,9 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == WORKER_FLAG:
-        rest = [a for a in sys.argv[2:] if not a.startswith("--stamps=")]
+        rest = [a for a in sys.argv[2:] if not a.startswith(("--stamps=", "--kind="))]
         target = next(a for a in sys.argv if a.startswith("--stamps="))[len("--stamps="):]
-        stamped_worker(rest, Path(target))
+        kind = int(next(a for a in sys.argv if a.startswith("--kind="))[len("--kind="):])
+        stamped_worker(rest, Path(target), kind)
     else:
         sys.exit(main())
