@@ -177,6 +177,36 @@ def test_inner_data_packets_fit_one_outer_packet(make_tunnel, connect, export_di
     assert inner_payload >= outer_payload - 2 * tuning.INNER_PACKET_OVERHEAD  # and is not needlessly small
 
 
+def test_channels_we_own_acknowledge_data_in_quarters_of_the_window(make_tunnel, connect, export_dir):
+    """Fewer CHANNEL_WINDOW_ADJUST packets (each crosses python-x2go's paramiko transport):
+    one per quarter of the window, where paramiko sends one per tenth."""
+    tunnel = make_tunnel([export_dir])
+    client = connect(tunnel)
+    transport = client.get_channel().get_transport()
+    adjusts: list[int] = []
+    table = dict(transport._channel_handler_table)
+    window_adjust = table[paramiko.common.MSG_CHANNEL_WINDOW_ADJUST]
+
+    def counting(chan, m):
+        adjusts.append(int.from_bytes(m.asbytes()[4:8], "big"))  # after the recipient channel
+        window_adjust(chan, m)
+
+    table[paramiko.common.MSG_CHANNEL_WINDOW_ADJUST] = counting
+    transport._channel_handler_table = table  # this client only
+    payload = os.urandom(4 * 1024 * 1024)
+    with client.open(f"{export_dir}/acks.bin", "wb") as f:
+        f.set_pipelined(True)
+        f.write(payload)
+    with open(os.path.join(export_dir, "acks.bin"), "rb") as f:
+        assert f.read() == payload
+    quarter = tuning.INNER_WINDOW_SIZE // 4
+    assert adjusts and all(n > quarter for n in adjusts)
+    assert 4 <= len(adjusts) <= len(payload) // quarter + 1  # paramiko's tenths: about 20
+    # and the outer forwarded channel, ours too
+    forwarded = _inner_transport(tunnel).sock
+    assert forwarded.in_window_threshold == forwarded.in_window_size // 4
+
+
 # -- ciphers ---------------------------------------------------------------------------
 def test_inner_transport_negotiates_gcm_where_paramiko_has_it(make_tunnel, connect, export_dir):
     tunnel = make_tunnel([export_dir])

@@ -164,6 +164,10 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U32_MASK = 0xFFFFFFFF
 _U64_MASK = 0xFFFFFFFFFFFFFFFF
+# ATTRS with size, uid/gid, permissions and times: what every stat() gives.
+_ALL_ATTRS = struct.Struct(">IQIIIII")
+_ALL_FLAGS = (SFTPAttributes.FLAG_SIZE | SFTPAttributes.FLAG_UIDGID | SFTPAttributes.FLAG_PERMISSIONS
+              | SFTPAttributes.FLAG_AMTIME)
 
 
 class PacketTooLarge(SFTPError):
@@ -249,6 +253,12 @@ class Reader:
 
 def pack_attrs(attr: SFTPAttributes) -> bytes:
     """Encode ATTRS as OpenSSH does: present fields only, times and ids wrapped to 32 bits."""
+    size, uid, gid, mode, atime, mtime = (attr.st_size, attr.st_uid, attr.st_gid, attr.st_mode,
+                                          attr.st_atime, attr.st_mtime)
+    if (size is not None and uid is not None and gid is not None and mode is not None
+            and atime is not None and mtime is not None):
+        return _ALL_ATTRS.pack(_ALL_FLAGS, int(size) & _U64_MASK, int(uid) & _U32_MASK, int(gid) & _U32_MASK,
+                               int(mode) & _U32_MASK, int(atime) & _U32_MASK, int(mtime) & _U32_MASK)
     flags = 0
     out = [b""]
     if attr.st_size is not None:
@@ -331,6 +341,10 @@ class SFTPEngine(paramiko.SFTPServer):
         self.requests: Counter[str] = Counter()
         self.exit_status = EXIT_OK
         self._names: dict[tuple[str, int], str] = {}
+        # READDIR long names: mode and date strings repeat across a listing.
+        self._modes: dict[int, str] = {}
+        self._owners: dict[tuple[int, int], str] = {}
+        self._dates: dict[tuple[int, bool], str] = {}
         self._handlers: dict[int, Callable[[int, Reader], None]] = {
             CMD_OPEN: self._do_open,
             CMD_CLOSE: self._do_close,
@@ -738,17 +752,37 @@ class SFTPEngine(paramiko.SFTPServer):
             self._names[key] = name
         return name
 
+    def _date(self, mtime: int | None, now: float) -> str:
+        """:func:`_date_string`, remembered per whole second (and per "recent or not")."""
+        if mtime is None:
+            return ""
+        key = (int(mtime), now - _RECENT_SECONDS < mtime <= now)
+        text = self._dates.get(key)
+        if text is None:
+            if len(self._dates) >= _NAME_CACHE_SIZE:
+                self._dates.clear()
+            text = self._dates[key] = _date_string(int(mtime), now)
+        return text
+
     def longname(self, attr: SFTPAttributes, now: float | None = None) -> bytes:
         """The "ls -l" line OpenSSH's sftp-server sends with each READDIR name."""
         mode = attr.st_mode or 0
         uid = attr.st_uid if attr.st_uid is not None else 0
         gid = attr.st_gid if attr.st_gid is not None else 0
-        user = self._user_name("u", uid)
-        group = self._user_name("g", gid)
-        date = _date_string(attr.st_mtime, time.time() if now is None else now)
+        owner = self._owners.get((uid, gid))
+        if owner is None:
+            user, group = self._user_name("u", uid), self._user_name("g", gid)
+            if len(self._owners) >= _NAME_CACHE_SIZE:
+                self._owners.clear()
+            owner = self._owners[(uid, gid)] = f"{user:<{max(len(user), 8)}} {group:<{max(len(group), 8)}}"
+        mode_text = self._modes.get(mode)
+        if mode_text is None:
+            if len(self._modes) >= _NAME_CACHE_SIZE:
+                self._modes.clear()
+            mode_text = self._modes[mode] = _mode_string(mode)
+        date = self._date(attr.st_mtime, time.time() if now is None else now)
         nlink = getattr(attr, "st_nlink", 1)
-        line = (f"{_mode_string(mode)} {nlink:>3} {user:<{max(len(user), 8)}} "
-                f"{group:<{max(len(group), 8)}} {attr.st_size or 0:>8} {date} {attr.filename}")
+        line = f"{mode_text} {nlink:>3} {owner} {attr.st_size or 0:>8} {date} {attr.filename}"
         return _enc(line)
 
     def _do_readdir(self, request_number: int, req: Reader) -> None:

@@ -37,6 +37,7 @@ class TunedSFTPEngine(SFTPEngine):
         # The window we gave the client bounds what it may have buffered here.
         tuning.use_chunk_pipe(channel, limit=channel.in_window_size)
         tuning.fit_inner_packets(channel)
+        tuning.set_window_ack_threshold(channel)
         super().__init__(channel, *args, **kwargs)
         self.fast = fastpath.SessionIO(channel, kwargs.get("logger"))
 

@@ -141,6 +141,7 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
             # The tcpip-forward handler calls us in the outer transport's
             # thread, where the channel's buffer can be swapped safely.
             tuning.use_chunk_pipe(chan)
+            tuning.set_window_ack_threshold(chan)
         super().notify(chan)
 
     def _start_channel_thread(self, chan: paramiko.Channel) -> None:

@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds over all variants (default 3, short 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--disable", default="",
-                        help="switch library optimisations off: nodelay,gcm,pipe,fit,readahead,hold,fastpath")
+                        help="switch library optimisations off: nodelay,gcm,pipe,fit,readahead,hold,fastpath,ack")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                         help="override an integer constant of x2go_sftp.tuning in the library workers")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of the library here")

@@ -45,6 +45,7 @@ from typing import Any  # noqa: E402
 MSG_CHANNEL_DATA = 94
 SFTP_READ = 5
 SFTP_LSTAT = 7
+SFTP_READDIR = 12
 
 
 def stamped_worker(argv: list[str], out: Path, kind: int) -> None:
@@ -176,6 +177,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--small", action="store_true",
                         help="time LSTAT of fresh names that do not exist (one small request and reply each)")
+    parser.add_argument("--readdir", action="store_true",
+                        help="time `ls -l` of fresh directories of 2000 files (--requests of them); stamps READDIR")
     args = parser.parse_args()
     from tests.bench import bench_mount as bm
 
@@ -189,7 +192,7 @@ def main() -> int:
                 def popen(cmd: list[str], *a: Any, **k: Any) -> Any:
                     if cmd[1:3] == ["-m", "tests.bench.worker"]:
                         cmd = [cmd[0], "-m", "tests.bench.latency", WORKER_FLAG, *cmd[3:], f"--stamps={stamps}",
-                               f"--kind={SFTP_LSTAT if args.small else SFTP_READ}"]
+                               f"--kind={SFTP_LSTAT if args.small else SFTP_READDIR if args.readdir else SFTP_READ}"]
                     return real_popen(cmd, *a, **k)
 
                 subprocess.Popen = popen  # type: ignore[misc]
@@ -204,7 +207,11 @@ def main() -> int:
             ep = bench.endpoint(args.mode)
             mnt = bench.mount(ep)
             times = []
-            if args.small:
+            if args.readdir:
+                for _ in range(args.requests):
+                    times.append(int(bench.ls_l(mnt) * 1e9))
+                what = "`ls -l` of 2000 files"
+            elif args.small:
                 for i in range(args.requests):
                     t0 = time.perf_counter_ns()
                     try:

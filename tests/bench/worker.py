@@ -9,7 +9,7 @@ what the outer paramiko hop costs by itself).  The worker logs into the X2Go-ser
 runs a long command on the connection (python-x2go always has one), starts
 the tunnel and prints one JSON line ``{"port": N}``.  It exits when its
 standard input closes.  ``--disable`` switches single optimisations off to
-measure what each buys (nodelay, gcm, pipe, fit, readahead, hold; command: no remote command, a forward-only connection); ``--outer-gcm``
+measure what each buys (nodelay, gcm, pipe, fit, readahead, hold, fastpath, ack; command: no remote command, a forward-only connection); ``--outer-gcm``
 turns on the opt-in rekey of the outer connection to AES-GCM.
 """
 
@@ -167,6 +167,8 @@ def disable(names: list[str]) -> None:
             from x2go_sftp import fastpath
 
             fastpath.ENABLED = False
+        elif name == "ack":
+            tuning.WINDOW_ACK_FRACTION = 10  # paramiko's own
         elif name == "hold":
             from x2go_sftp.engine import SFTPEngine
 
