@@ -785,6 +785,45 @@ def test_readdir_longname_is_ls_l_like_openssh(raw: RawSFTP, export_dir: str) ->
     assert longname == expected
 
 
+def test_readdir_longnames_of_many_files_each_their_own(raw: RawSFTP, export_dir: str) -> None:
+    """The per-session caches behind long names (mode, owner, date) never lend one file's text to
+    another: modes, owners, sizes, recent and old dates differ, and a second listing agrees."""
+    d = P(export_dir, "mixed")
+    os.mkdir(d)
+    now = int(time.time())
+    files = {f"f{i:02d}": (mode, when) for i, (mode, when) in enumerate(
+        [(0o644, now - 60), (0o644, now - 60), (0o600, now - 3600), (0o4755, 1_500_000_000),
+         (0o644, 1_500_000_000), (0o640, now - 86400), (0o644, now - 60 * 86400), (0o777, 86400)])}
+    for name, (mode, when) in files.items():
+        path = P(d, name)
+        Path(path).write_bytes(b"x" * (mode % 97))  # sizes differ too
+        os.chmod(path, mode)
+        os.utime(path, (when, when))
+    other = P(d, "nobody-owned")
+    Path(other).write_bytes(b"")
+    if os.geteuid() == 0:
+        os.chown(other, 65534, 65534)
+    for _ in range(2):
+        listed = {n.decode(): ln.decode() for b in _list_all(raw, d) for n, ln, _ in b}
+        for name in [*files, "nobody-owned"]:
+            st = os.lstat(P(d, name))
+            assert listed[name] == raw_longname(st, name, time.time()), name
+
+
+def raw_longname(st: os.stat_result, name: str, now: float) -> str:
+    """What OpenSSH's sftp-server (ls_file) prints, computed independently of the engine."""
+    def ident(lookup: Any, num: int) -> str:
+        try:
+            return str(lookup(num)[0])
+        except KeyError:
+            return str(num)
+    user, group = ident(pwd.getpwuid, st.st_uid), ident(grp.getgrgid, st.st_gid)
+    recent = now - 365 * 24 * 3600 // 2 < st.st_mtime <= now
+    date = time.strftime("%b %e %H:%M" if recent else "%b %e  %Y", time.localtime(int(st.st_mtime)))
+    return (f"{stat.filemode(st.st_mode)}  {st.st_nlink:>3} {user:<{max(len(user), 8)}} "
+            f"{group:<{max(len(group), 8)}} {st.st_size:>8} {date} {name}")
+
+
 class _Allow(paramiko.ServerInterface):
     def get_allowed_auths(self, username: str) -> str:
         return "password"

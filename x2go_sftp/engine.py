@@ -752,16 +752,17 @@ class SFTPEngine(paramiko.SFTPServer):
             self._names[key] = name
         return name
 
-    def _date(self, mtime: int | None, now: float) -> str:
-        """:func:`_date_string`, remembered per whole second (and per "recent or not")."""
+    def _date(self, mtime: float | None, now: float) -> str:
+        """:func:`_date_string` of the whole second (a ``time_t``, as sftp-server has), remembered."""
         if mtime is None:
             return ""
-        key = (int(mtime), now - _RECENT_SECONDS < mtime <= now)
+        second = int(mtime)
+        key = (second, now - _RECENT_SECONDS < second <= now)  # the same test _date_string makes
         text = self._dates.get(key)
         if text is None:
             if len(self._dates) >= _NAME_CACHE_SIZE:
                 self._dates.clear()
-            text = self._dates[key] = _date_string(int(mtime), now)
+            text = self._dates[key] = _date_string(second, now)
         return text
 
     def longname(self, attr: SFTPAttributes, now: float | None = None) -> bytes:
