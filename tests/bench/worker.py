@@ -28,6 +28,8 @@ import json  # noqa: E402
 import os  # noqa: E402
 import select  # noqa: E402
 import socket  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import paramiko  # noqa: E402
@@ -79,32 +81,24 @@ class Relay:
         self.server_port = transport.request_port_forward("127.0.0.1", 0, self.handler)
 
     def handler(self, chan: paramiko.Channel, origin: object, server: object) -> None:
-        import threading
-
         self.tuning.use_chunk_pipe(chan)  # the transport's thread: the channel is ours to tune
         threading.Thread(target=self.relay, args=(chan,), daemon=True).start()
 
     def relay(self, chan: paramiko.Channel) -> None:
-        import threading
-
         sock = socket.create_connection(("127.0.0.1", self.target))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=self.pump, args=(sock.recv, chan.sendall, chan.close), daemon=True).start()
+        self.pump(chan.recv, sock.sendall, sock.close)
 
-        def upstream() -> None:
-            try:
-                while data := sock.recv(256 * 1024):
-                    chan.sendall(data)
-            except OSError:
-                pass
-            chan.close()
-
-        threading.Thread(target=upstream, daemon=True).start()
+    @staticmethod
+    def pump(recv: Callable[[int], bytes], send: Callable[[bytes], None], close: Callable[[], None]) -> None:
+        """Copy until EOF (or an error), then close the other side."""
         try:
-            while data := chan.recv(256 * 1024):
-                sock.sendall(data)
+            while data := recv(256 * 1024):
+                send(data)
         except OSError:
             pass
-        sock.close()
+        close()
 
     def stop(self) -> None:
         self.transport.cancel_port_forward("127.0.0.1", self.server_port)
