@@ -29,9 +29,10 @@ def size_label(bucket: str) -> str:
 
 def main(argv: list[str]) -> int:
     variants = (argv[0] if argv else "gevent,forward").split(",")
-    counts_dir = Path(tempfile.mkdtemp(prefix="x2go-packets-"))
-    os.environ["X2GO_BENCH_PACKETS"] = str(counts_dir)  # inherited by the workers
     with tempfile.TemporaryDirectory(prefix="x2go-bench-") as tmp:
+        counts_dir = Path(tmp) / "counts"
+        counts_dir.mkdir()
+        os.environ["X2GO_BENCH_PACKETS"] = str(counts_dir)  # inherited by the workers
         bench = bm.Bench(Path(tmp), bm.SHORT, "", None)
         bench.sizes.seq_bytes = MOVED
         try:
