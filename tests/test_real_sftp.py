@@ -331,16 +331,28 @@ def test_scp_tilde_paths_resolve_to_the_export(peer: Peer, tmp_path: Path) -> No
 
 
 def test_extensions_used_by_openssh_sftp(peer: Peer) -> None:
-    """Runs last in this module: the extensions seen across all its sftp batches."""
-    seen = {r for r in peer.runs if "@" in r or r in ("copy-data", "home-directory")}
+    """OpenSSH's sftp uses our extensions for the commands that have them (self-contained: runs alone)."""
+    d = peer.export / "ext"
+    d.mkdir(exist_ok=True)
+    (d / "a.txt").write_bytes(b"extensions\n")
+    (d / "b.txt").write_bytes(b"replaced\n")
+    mark = peer.requests.mark()
     # sftp asks for limits at start, posix-rename for "rename", hardlink for "ln",
-    # statvfs for "df", copy-data for "cp", users-groups-by-id for "ls -l", lsetstat for "chmod -h";
-    # scp asks for expand-path for "~/...".
+    # statvfs for "df", copy-data for "cp", users-groups-by-id for "ls -l", lsetstat for "chmod -h".
+    res = run_sftp(peer.tunnel.server_port, peer.keyfile, peer.ident, (
+        f"rename {d}/b.txt {d}/c.txt\nln {d}/a.txt {d}/hard.txt\ndf {d}\ncp {d}/a.txt {d}/copy.txt\n"
+        f"ls -l {d}\nchmod -h 600 {d}/a.txt\n"))
+    assert res.returncode == 0, res.stderr
+    seen = set(peer.requests.requests_since(mark))
     for ext in ("limits@openssh.com", "posix-rename@openssh.com", "hardlink@openssh.com",
                 "statvfs@openssh.com", "copy-data", "users-groups-by-id@openssh.com",
-                "lsetstat@openssh.com", "expand-path@openssh.com"):
+                "lsetstat@openssh.com"):
         assert ext in seen, (ext, sorted(seen))
-    print("extensions used by OpenSSH sftp:", " ".join(sorted(seen)))
+    # Each did its job on the real files.
+    assert (d / "c.txt").read_bytes() == b"replaced\n" and not (d / "b.txt").exists()
+    assert os.stat(d / "hard.txt").st_ino == os.stat(d / "a.txt").st_ino
+    assert (d / "copy.txt").read_bytes() == b"extensions\n"
+    assert stat.S_IMODE(os.lstat(d / "a.txt").st_mode) == 0o600
 
 
 @pytest.mark.parametrize("outer_command", [True, False], ids=["command-running", "forward-only"])

@@ -311,10 +311,25 @@ def test_fio_verify(mount: Mount, d: tuple[Path, Path]) -> None:
 
 
 def test_extensions_used_by_sshfs(mount: Mount) -> None:
-    """Runs last in this module: the extensions sshfs was seen to use, from the engine's debug log."""
-    seen = {n for n in mount.requests.since(0) if "@" in n or n in ("copy-data", "home-directory")}
+    """sshfs uses our extensions for rename over a file, link, fsync and statfs (self-contained)."""
+    m = mount.mnt / "ext"
+    m.mkdir(exist_ok=True)
+    (m / "a").write_bytes(b"one")
+    (m / "b").write_bytes(b"two")
+    mark = mount.requests.mark()
+    os.replace(m / "b", m / "a")                 # rename over an existing file: posix-rename
+    os.link(m / "a", m / "hard")                 # hardlink
+    fd = os.open(m / "a", os.O_WRONLY)
+    try:
+        os.write(fd, b"ONE")
+        os.fsync(fd)                             # fsync
+    finally:
+        os.close(fd)
+    os.statvfs(m)                                # statvfs
+    seen = set(mount.requests.since(mark))
     for ext in ("posix-rename@openssh.com", "hardlink@openssh.com", "fsync@openssh.com",
                 "statvfs@openssh.com"):
         assert ext in seen, (ext, sorted(seen))
-    print("extensions used by sshfs:", " ".join(sorted(seen)))
-    print("requests used by sshfs:", " ".join(sorted(set(mount.requests.since(0)) - seen)))
+    local = mount.export / "ext"
+    assert (local / "a").read_bytes() == b"ONE" and not (local / "b").exists()
+    assert os.stat(local / "hard").st_ino == os.stat(local / "a").st_ino
