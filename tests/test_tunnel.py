@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -9,6 +10,7 @@ import os
 import socket
 import stat
 import threading
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -138,11 +140,20 @@ def test_stop_thread_leaves_no_thread_or_fd(
     transport, client = sftp_client(tunnel.server_port, session_key, local_user)
     f = client.open(export_dir + "/open-at-stop", "wb")
     f.write(b"x")
-    dh = client.opendir(export_dir) if hasattr(client, "opendir") else None
-    del dh
+    f.flush()
+    port = tunnel.server_port
+    assert len(tunnel.open_channels) == 1
     tunnel.stop_thread()
     tunnel.join(10)
     assert not tunnel.is_alive() and not tunnel.ready
+    # The forward was cancelled for the address requested, and the running session was ended.
+    assert ("127.0.0.1", port) in x2go_server.cancel_requests
+    with pytest.raises((OSError, EOFError, paramiko.SSHException)):
+        client.listdir(export_dir)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert tunnel.open_channels == {}
+    assert (Path(export_dir) / "open-at-stop").read_bytes() == b"x"  # what was written before the stop
     transport.close()
     outer.close()
     x2go_server.close()
@@ -245,8 +256,12 @@ class EchoServer:
                     conn.sendall(b"echo:" + data)
 
     def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept() on Linux; shutdown() does.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(5)
+        assert not self.thread.is_alive()
 
 
 def test_two_tunnels_on_one_transport_get_only_their_own_channels(make_tunnel, outer, connect, export_dir):
