@@ -7,25 +7,33 @@ transport, and we run a complete SSH server over it.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import paramiko
 
 from . import fastpath, log, tuning
-from .auth import SessionKeyAuth
+from .auth import Login, SessionKeyAuth
 from .backend import JailedSFTPServer
 from .defaults import current_local_user, default_host_key
 from .engine import SFTPEngine
 from .exports import Exports
 
-# How long the SSH handshake and authentication may take before we give up on
-# a channel (sshfs normally needs well under a second on loopback).
-HANDSHAKE_TIMEOUT = 30.0
-AUTH_TIMEOUT = 30.0
+# From a connection's arrival to its authenticated session channel: banner,
+# key exchange, authentication and the channel open together (OpenSSH
+# LoginGraceTime, 120 s there).  sshfs needs well under a second on loopback;
+# 30 s leaves room for a loaded machine while a peer that connects and then
+# dribbles or idles holds its slot (see auth.MAX_STARTUPS) for at most this long.
+LOGIN_GRACE_TIME = 30.0
 
-# Re-check interval while waiting for the authenticated session channel.
+# Re-check interval while waiting on the inner transport: paramiko does not
+# wake waiters when another thread closes a transport (pause(), the deadline).
 ACCEPT_RECHECK = 0.25
+
+# How long to wait for the inner transport's thread after closing it (it
+# notices within paramiko's 0.1 s socket timeout).
+TRANSPORT_JOIN_TIMEOUT = 5.0
 
 
 class TunedSFTPEngine(SFTPEngine):
@@ -76,22 +84,34 @@ class InnerTransport(paramiko.Transport):
         return parsed
 
 
-def _accept_session(transport: paramiko.Transport, timeout: float) -> paramiko.Channel | None:
-    """``Transport.accept`` that also returns soon after the transport dies.
+def _wait_negotiated(transport: paramiko.Transport, negotiated: threading.Event, deadline: float) -> bool:
+    """Wait until key exchange has ended (``negotiated`` set) or failed; False at the deadline."""
+    while not negotiated.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if not transport.is_active():
+            return True  # failed: the caller reads why
+        negotiated.wait(min(remaining, ACCEPT_RECHECK))
+    return True
 
-    paramiko's accept() waits out its whole timeout when the transport dies
-    without notifying (it skips the notify when close() came from another
-    thread, e.g. our pause()), so wait in short slices and re-check ``active``.
+
+def _accept_session(transport: paramiko.Transport, deadline: float | None) -> paramiko.Channel | None:
+    """The next channel the client opens, or None once the transport dies or ``deadline`` passes.
+
+    paramiko's accept() waits out its whole timeout when another thread
+    closes the transport, so wait in short slices and re-check ``is_active``.
     """
-    deadline = time.monotonic() + timeout
-    with transport.lock:
-        while True:
-            if transport.server_accepts:
-                return transport.server_accepts.pop(0)
-            remaining = deadline - time.monotonic()
-            if not transport.active or remaining <= 0:
+    while transport.is_active():
+        wait = ACCEPT_RECHECK
+        if deadline is not None:
+            wait = min(wait, deadline - time.monotonic())
+            if wait <= 0:
                 return None
-            transport.server_accept_cv.wait(min(remaining, ACCEPT_RECHECK))
+        chan = transport.accept(wait)
+        if chan is not None:
+            return chan
+    return None
 
 
 def serve_channel(
@@ -103,6 +123,9 @@ def serve_channel(
     username: str | None = None,
     logger: log.LoggerLike | None = None,
     on_transport: Any = None,
+    login_grace_time: float = LOGIN_GRACE_TIME,
+    arrived: float | None = None,
+    login: Login | None = None,
 ) -> None:
     """Run an SSH + SFTP server over ``chan`` until the client or the tunnel closes it.
 
@@ -115,8 +138,15 @@ def serve_channel(
         logger: an X2Go-style logger.
         on_transport: called with the inner transport once it exists, so the
             owner can close it (pause/stop).
+        login_grace_time: seconds from ``arrived`` to an authenticated session
+            channel; the connection is closed when they run out.
+        arrived: ``time.monotonic()`` when the channel arrived (default: now).
+        login: this connection's slot in its tunnel's :class:`auth.LoginGate`;
+            freed when the connection ends, and the connection closed if the
+            tunnel already has its maximum of logged-in connections.
     """
     logger = log.tagged(logger, "inner")
+    deadline = (time.monotonic() if arrived is None else arrived) + login_grace_time
     transport = InnerTransport(tuning.inner_socket(chan), **tuning.inner_transport_kwargs())
     transport.daemon = True
     tuning.prefer_fast_ciphers(transport)
@@ -127,24 +157,48 @@ def serve_channel(
         transport.set_subsystem_handler(
             "sftp", TunedSFTPEngine, sftp_si=JailedSFTPServer, exports=exports, logger=logger.wrapped
         )
-        server = SessionKeyAuth(auth_key, username or current_local_user(), logger=logger.wrapped)
-        transport.banner_timeout = HANDSHAKE_TIMEOUT
-        transport.handshake_timeout = HANDSHAKE_TIMEOUT
+        server = SessionKeyAuth(auth_key, username or current_local_user(), logger=logger.wrapped,
+                                transport=transport)
+        # paramiko's own timeouts restart with every line and packet; the
+        # deadline below is what bounds the whole login.
+        transport.banner_timeout = login_grace_time
+        transport.handshake_timeout = login_grace_time
+        negotiated = threading.Event()
         try:
-            transport.start_server(server=server)
-        except (paramiko.SSHException, EOFError, OSError) as e:
-            logger(f"inner SSH negotiation on {chan} failed: {e}", loglevel=log.loglevel_INFO)
+            transport.start_server(event=negotiated, server=server)
+        except (paramiko.SSHException, EOFError, OSError, RuntimeError) as e:  # RuntimeError: no thread
+            logger(f"inner SSH server on {chan} did not start: {e}", loglevel=log.loglevel_INFO)
             return
-        # The client must log in and open its session channel in time; a peer
-        # that connects and idles is dropped instead of holding a thread.
-        # Keep the reference: paramiko closes a Channel when it is garbage collected.
-        session = _accept_session(transport, AUTH_TIMEOUT)
+        if not _wait_negotiated(transport, negotiated, deadline):
+            logger(f"no key exchange on {chan} within {login_grace_time}s: closing",
+                   loglevel=log.loglevel_INFO)
+            return
+        if not transport.is_active():
+            logger(f"inner SSH negotiation on {chan} failed: {transport.get_exception()}",
+                   loglevel=log.loglevel_INFO)
+            return
+        # Keep the references: paramiko closes a Channel when it is garbage collected.
+        session = _accept_session(transport, deadline)
         if session is None:
-            logger(f"no authenticated session on {chan} within {AUTH_TIMEOUT}s", loglevel=log.loglevel_INFO)
+            if transport.is_active():
+                logger(f"no authenticated session on {chan} within {login_grace_time}s: closing",
+                       loglevel=log.loglevel_INFO)
             return
-        transport.join()
-        del session
+        if login is not None and not login.log_in():
+            logger(f"refused a login on {chan}: the tunnel already has its {login.max_connections} "
+                   f"logged-in connections", loglevel=log.loglevel_WARN)
+            return
+        # Further session channels (at most auth.MAX_SESSIONS at once) are
+        # taken off paramiko's accept queue too, so closed ones do not pile up there.
+        held = [session]
+        while (extra := _accept_session(transport, None)) is not None:
+            held = [c for c in held if not c.closed] + [extra]
+        del session, held
     finally:
+        if login is not None:
+            login.done()
         transport.close()
         chan.close()
+        if transport is not threading.current_thread() and transport.ident is not None:
+            transport.join(TRANSPORT_JOIN_TIMEOUT)
         logger(f"sFTP channel {chan} closed down", loglevel=log.loglevel_DEBUG)

@@ -15,7 +15,7 @@ channel object itself to its tunnel; nothing shared is involved.
 from __future__ import annotations
 
 import collections
-import select
+import errno
 import socket
 import threading
 from collections.abc import Callable
@@ -33,6 +33,11 @@ CANCEL_TIMEOUT = 10.0
 
 # Relay buffer of the plain TCP forward (the original moved 1 KiB per syscall).
 RELAY_CHUNK = 64 * 1024
+
+# How often a relay blocked reading its channel re-checks whether to stop
+# (the other direction ended, or the tunnel was paused); closing the channel
+# wakes it at once.
+RELAY_RECHECK = 0.5
 
 # Attribute on a paramiko Transport holding {server_port: tunnel} for tunnels
 # that are not (or not yet) listed in python-x2go's ``reverse_tunnels``.
@@ -338,7 +343,8 @@ class X2GoRevFwTunnel(threading.Thread):
         )
         self._track(thread, chan)
 
-    def _track(self, thread: X2GoRevFwChannelThread, chan: paramiko.Channel) -> None:
+    def _track(self, thread: X2GoRevFwChannelThread, chan: paramiko.Channel) -> bool:
+        """Remember ``thread`` as serving ``chan`` and start it; False if it could not start (``chan`` is closed)."""
         origin = chan.origin_addr
         key = f"[{origin[0]}]:{origin[1]}" if origin else f"chan-{chan.get_id()}"
 
@@ -348,30 +354,101 @@ class X2GoRevFwTunnel(threading.Thread):
 
         thread.on_exit = forget
         self.open_channels[key] = thread
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as e:
+            # "can't start new thread": out of threads or memory.  Refuse this
+            # one channel; the tunnel and every session it serves go on.
+            forget(thread)
+            self.logger(f"refused channel {chan}: could not start its thread: {e}", loglevel=log.loglevel_WARN)
+            try:
+                chan.close()
+            except (OSError, EOFError):  # the transport died first
+                pass
+            return False
         if not self._accept_channels:  # paused while we were starting it
             thread.close_channel()
+        return True
 
 
 def relay(sock: socket.socket, chan: paramiko.Channel, keep_going: Callable[[], bool] = lambda: True) -> None:
     """Copy bytes both ways between ``sock`` and ``chan`` until either side ends.
 
     Returns on EOF from either side or when ``keep_going()`` turns false (checked
-    after each wake-up; closing the channel wakes it).  Raises OSError/EOFError
-    from the sockets; closing both is the caller's job.
+    at least every :data:`RELAY_RECHECK` seconds; closing the channel wakes it
+    at once).  Raises OSError/EOFError from the sockets; closing both is the
+    caller's job.
+
+    One thread per direction, each blocked in a plain ``recv``.  Never
+    ``select()`` on the channel: that gives it an OS pipe which paramiko's
+    transport thread writes to while another thread may be closing it (paramiko
+    issues 1700, 2271), and the resulting EBADF ends the *outer* transport,
+    python-x2go's whole connection.
     """
-    while keep_going():
-        r, _, _ = select.select([sock, chan], [], [])
-        if sock in r:
+    state = _RelayState()
+    chan.settimeout(RELAY_RECHECK)  # before the other direction may block in send()
+    try:
+        upstream = threading.Thread(target=_sock_to_chan, args=(sock, chan, state), daemon=True,
+                                    name=f"{threading.current_thread().name}-up")
+        upstream.start()
+    except RuntimeError as e:  # "can't start new thread"
+        raise OSError(errno.EAGAIN, f"cannot start the relay's thread: {e}") from e
+    try:
+        _chan_to_sock(sock, chan, state, keep_going)
+    except BaseException as e:
+        state.error = state.error or e
+    finally:
+        state.done.set()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the other direction's recv
+        except OSError:
+            pass
+        upstream.join()
+    if state.error is not None:
+        raise state.error
+
+
+class _RelayState:
+    """What the two directions of one :func:`relay` share."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+def _chan_to_sock(sock: socket.socket, chan: paramiko.Channel, state: _RelayState,
+                  keep_going: Callable[[], bool]) -> None:
+    while keep_going() and not state.done.is_set():
+        try:
+            data = chan.recv(RELAY_CHUNK)
+        except TimeoutError:
+            continue
+        if not data:
+            return
+        sock.sendall(data)
+
+
+def _sock_to_chan(sock: socket.socket, chan: paramiko.Channel, state: _RelayState) -> None:
+    try:
+        while not state.done.is_set():
             data = sock.recv(RELAY_CHUNK)
             if not data:
-                return
-            chan.sendall(data)
-        if chan in r:
-            data = chan.recv(RELAY_CHUNK)
-            if not data:
-                return
-            sock.sendall(data)
+                break
+            while data:  # Channel.sendall loses count of what it sent when it times out
+                try:
+                    data = data[chan.send(data):]
+                except TimeoutError:
+                    if state.done.is_set():
+                        return
+        if not state.done.is_set():
+            # EOF from the socket: pass it on, so the far side can close and
+            # wake the other direction before its next re-check.
+            chan.shutdown_write()
+    except (OSError, EOFError) as e:
+        if not state.done.is_set():
+            state.error = e
+    finally:
+        state.done.set()
 
 
 def x2go_rev_forward_channel_handler(

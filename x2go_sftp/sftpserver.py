@@ -9,13 +9,15 @@ serves only the exported folders over SFTP.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import paramiko
 
 from . import log, rforward, tuning
+from .auth import MAX_CONNECTIONS, MAX_STARTUPS, Login, LoginGate
 from .exports import Exports
-from .inner import serve_channel
+from .inner import LOGIN_GRACE_TIME, serve_channel
 
 __NAME__ = "x2gosftpserver-pylib"
 
@@ -44,6 +46,9 @@ def x2go_rev_forward_sftpchannel_handler(
     host_key: paramiko.PKey | None = None,
     username: str | None = None,
     thread: X2GoRevFwSFTPChannelThread | None = None,
+    login_grace_time: float = LOGIN_GRACE_TIME,
+    arrived: float | None = None,
+    login: Login | None = None,
 ) -> None:
     """Serve SSH + SFTP on one forwarded channel until it closes.
 
@@ -55,14 +60,18 @@ def x2go_rev_forward_sftpchannel_handler(
         host_key: the inner server's host key (default: a 3072-bit RSA key per process).
         username: the only user accepted (default: the local user).
         thread: the channel thread, told about the inner transport so pause() can close it.
+        login_grace_time: seconds from ``arrived`` to an authenticated session (see :func:`inner.serve_channel`).
+        arrived: ``time.monotonic()`` when the channel arrived (default: now).
+        login: the connection's slot in its tunnel's :class:`auth.LoginGate`, freed when it ends.
     """
     xlog = log.tagged(logger, __NAME__)
-    if chan is None:
-        return
-    if auth_key is None:
-        xlog(f"sFTP channel {chan} closed because of missing authentication key",
-             loglevel=log.loglevel_DEBUG)
-        chan.close()
+    if chan is None or auth_key is None:
+        if login is not None:
+            login.done()
+        if chan is not None:
+            xlog(f"sFTP channel {chan} closed because of missing authentication key",
+                 loglevel=log.loglevel_DEBUG)
+            chan.close()
         return
 
     def remember(transport: paramiko.Transport) -> None:
@@ -70,7 +79,8 @@ def x2go_rev_forward_sftpchannel_handler(
             thread.inner_transport = transport
 
     serve_channel(chan, auth_key, exports=exports, host_key=host_key, username=username,
-                  logger=logger, on_transport=remember)
+                  logger=logger, on_transport=remember, login_grace_time=login_grace_time,
+                  arrived=arrived, login=login)
 
 
 class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
@@ -95,6 +105,12 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         outer_gcm: opt-in: renegotiate ``ssh_transport`` to prefer AES-GCM
             (when paramiko and the server have it), the cheapest cipher per
             byte.  Off by default: it changes the caller's connection.
+        login_grace_time: seconds a connection has from its arrival to an
+            authenticated session channel (default :data:`inner.LOGIN_GRACE_TIME`).
+        max_startups: connections that may be logging in at once; more are
+            closed on arrival (default :data:`auth.MAX_STARTUPS`).
+        max_connections: logged-in connections at once; a login beyond it is
+            closed (default :data:`auth.MAX_CONNECTIONS`).
     """
 
     _log_tag = __NAME__
@@ -113,6 +129,9 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         username: str | None = None,
         tcp_nodelay: bool = True,
         outer_gcm: bool = False,
+        login_grace_time: float = LOGIN_GRACE_TIME,
+        max_startups: int = MAX_STARTUPS,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         super().__init__(server_port, rforward.FORWARD_ADDRESS, 0, ssh_transport,
                          session_instance=session_instance, logger=logger, loglevel=loglevel)
@@ -121,6 +140,8 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         self.exports = exports if isinstance(exports, Exports) else Exports(exports)
         self.host_key = host_key
         self.username = username
+        self.login_grace_time = login_grace_time
+        self.login_gate = LoginGate(max_startups, max_connections, logger=self.logger)
         if tcp_nodelay:
             tuning.set_tcp_nodelay(ssh_transport, self.logger)
         if outer_gcm:
@@ -145,6 +166,14 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         super().notify(chan)
 
     def _start_channel_thread(self, chan: paramiko.Channel) -> None:
+        arrived = time.monotonic()
+        login = self.login_gate.admit()
+        if login is None:  # too many connections logging in: no thread, no key exchange
+            try:
+                chan.close()
+            except (OSError, EOFError):  # the transport died first
+                pass
+            return
         self.logger(f"sFTP channel {chan} for server port [127.0.0.1]:{self.server_port} is up",
                     loglevel=log.loglevel_DEBUG)
         kwargs: dict[str, Any] = {
@@ -154,11 +183,15 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
             "exports": self.exports,
             "host_key": self.host_key,
             "username": self.username,
+            "login_grace_time": self.login_grace_time,
+            "arrived": arrived,
+            "login": login,
         }
         thread = X2GoRevFwSFTPChannelThread(chan, target=x2go_rev_forward_sftpchannel_handler,
                                             kwargs=kwargs)
         kwargs["thread"] = thread
-        self._track(thread, chan)
+        if not self._track(thread, chan):
+            login.done()
 
     def stop_thread(self) -> None:
         """End the tunnel, close every session, and release the exports it created."""
