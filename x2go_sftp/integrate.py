@@ -25,6 +25,11 @@ process only:
   signature: ``TypeError`` when a session shares a folder) is replaced by one
   that accepts both signatures and writes what python-x2go expects.
 
+:func:`install_on_import` defers :func:`install` until python-x2go is
+imported (for a start-up hook); the tunnel constructor calls
+:func:`refuse_bare_swap`, which refuses python-x2go a tunnel class that
+was swapped in without :func:`install`.
+
 :func:`uninstall` puts every original back.  Both are idempotent.  The record
 of what was replaced lives on python-x2go's ``x2go.sftpserver`` module, not
 here, so this module holds no state.
@@ -44,11 +49,11 @@ from typing import Any
 
 import paramiko
 
-from . import log, rforward
+from . import log, paramiko_compat, rforward
 from .defaults import default_host_key
 from .sftpserver import X2GoRevFwTunnelToSFTP
 
-__all__ = ["X2GoIntegratedTunnel", "install", "installed", "uninstall"]
+__all__ = ["X2GoIntegratedTunnel", "install", "install_on_import", "installed", "refuse_bare_swap", "uninstall"]
 
 # Attribute of python-x2go's ``x2go.sftpserver`` module holding our record.
 _RECORD_ATTR = "_x2go_sftp_integration"
@@ -343,6 +348,7 @@ def install(host_key: paramiko.PKey | None = None) -> bool:
     if x2go_patch is not None and paramiko.PKey._write_private_key is x2go_patch and _paramiko_passes_file_format():
         record.replace(paramiko.PKey, "_write_private_key", _write_private_key)
 
+    paramiko_compat.fix_asbytes()  # 6. paramiko 2.x: python-x2go's connection formats no repr per packet
     setattr(x2go_sftpserver, _RECORD_ATTR, record)
     log.tagged(None, _LOG_TAG)(
         f"python-x2go now shares folders through x2go-sftp ({len(record.patches)} replacements)",
@@ -364,3 +370,110 @@ def uninstall() -> bool:
     record.undo()
     delattr(sftpserver, _RECORD_ATTR)
     return True
+
+
+# --------------------------------------------------------------------------------------
+# A start-up hook that installs when python-x2go is imported
+# --------------------------------------------------------------------------------------
+class _InstallAfterX2GoImport:
+    """One-shot ``sys.meta_path`` finder: runs :func:`install` right after ``x2go`` is executed.
+
+    It finds nothing itself.  For ``x2go`` it asks the other finders for the
+    spec and wraps that spec's loader so the package runs first, then
+    :func:`install`.  So the hook imports no python-x2go (and applies no gevent
+    monkey patching) before the application imports it: PyHoca-GUI creates its
+    ``wx.App`` before importing ``x2go`` on purpose.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != _X2GO_PACKAGE:
+            return None
+        _remove_import_hook()
+        import importlib.util
+
+        spec = importlib.util.find_spec(fullname)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec  # not found (the import fails as usual) or no loader we can wrap
+        execute = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            execute(module)
+            # x2go's __init__ has imported its backends by now, as install() needs.  An error
+            # here fails the import: never a silent fallback to the stock module (it serves /).
+            install()
+
+        # On the loader instance of this one spec, so module.__loader__ stays python-x2go's.
+        loader.exec_module = exec_module
+        return spec
+
+
+# The package whose import triggers the hook.
+_X2GO_PACKAGE = "x2go"
+
+
+def _remove_import_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _InstallAfterX2GoImport)]
+
+
+def install_on_import() -> None:
+    """:func:`install` as soon as python-x2go is imported (at once if it already is).
+
+    For a start-up hook such as a ``usercustomize.py``: it costs nothing in
+    programs that never import python-x2go (pip, for instance), and it keeps
+    the application's own import order (see :class:`_InstallAfterX2GoImport`).
+    Calling it again before python-x2go is imported adds no second hook.
+    """
+    if _X2GO_PACKAGE in sys.modules:
+        install()
+        return
+    _remove_import_hook()
+    sys.meta_path.insert(0, _InstallAfterX2GoImport())
+
+
+# --------------------------------------------------------------------------------------
+# The bare class swap, refused
+# --------------------------------------------------------------------------------------
+BARE_SWAP_MESSAGE = (
+    "x2go.sftpserver.X2GoRevFwTunnelToSFTP was replaced by x2go-sftp's {name} without "
+    "x2go_sftp.integrate.install(): sshfs would reject the tunnel's host key (python-x2go writes its "
+    "own RSAHostKey into the known-hosts file) and no shared folder would be exported. Folder sharing, "
+    "printing and the MIME box stay off for this session. Instead of replacing the class, call "
+    "`import x2go_sftp.integrate; x2go_sftp.integrate.install()` before the first session starts."
+)
+"""What python-x2go logs when a session meets the bare class swap (``{name}``: the class)."""
+
+
+def refuse_bare_swap(tunnel_class: type, logger: log.LoggerLike | None = None) -> None:
+    """Refuse to be python-x2go's sshfs tunnel without :func:`install`; the tunnel constructor calls it.
+
+    A bare ``x2go.sftpserver.X2GoRevFwTunnelToSFTP = X2GoRevFwTunnelToSFTP``
+    gives python-x2go a tunnel that serves its own host key (python-x2go writes
+    ``x2go.defaults.RSAHostKey`` into the known-hosts file sshfs checks:
+    "REMOTE HOST IDENTIFICATION HAS CHANGED") and no folders (nothing tells it
+    what python-x2go shares).  python-x2go's session start catches
+    ``X2GoUserException`` from ``start_sshfs()``: it logs the message as a
+    warning, calls ``HOOK_sshfs_not_available`` and runs the session without
+    folder sharing, printing and MIME box.  Any other exception would abort the
+    session start half-way (the session window is already up by then).
+
+    Args:
+        tunnel_class: the class being constructed.
+        logger: the constructor's logger; the refusal is logged there as an error too.
+
+    Raises:
+        x2go.x2go_exceptions.X2GoUserException: python-x2go constructs
+            ``tunnel_class`` for its sessions and :func:`install` did not put it there.
+    """
+    if issubclass(tunnel_class, X2GoIntegratedTunnel) or not any(
+        getattr(holder, "X2GoRevFwTunnelToSFTP", None) is tunnel_class
+        # python-x2go looks the class up as ``sftpserver.X2GoRevFwTunnelToSFTP`` at each
+        # session start; a swap may have replaced the class or the whole module.
+        for module in _x2go_modules()
+        for holder in (module, getattr(module, "sftpserver", None))
+    ):
+        return
+    message = BARE_SWAP_MESSAGE.format(name=f"{tunnel_class.__module__}.{tunnel_class.__qualname__}")
+    log.tagged(logger, _LOG_TAG)(message, loglevel=log.loglevel_ERROR)
+    exceptions = _x2go_module("x2go.x2go_exceptions")
+    raise getattr(exceptions, "X2GoUserException", RuntimeError)(message)

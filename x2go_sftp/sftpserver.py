@@ -14,7 +14,7 @@ from typing import Any
 
 import paramiko
 
-from . import log, rforward, tuning
+from . import log, paramiko_compat, rforward, tuning
 from .auth import MAX_CONNECTIONS, MAX_STARTUPS, Login, LoginGate
 from .exports import Exports
 from .inner import LOGIN_GRACE_TIME, serve_channel
@@ -49,6 +49,7 @@ def x2go_rev_forward_sftpchannel_handler(
     login_grace_time: float = LOGIN_GRACE_TIME,
     arrived: float | None = None,
     login: Login | None = None,
+    session_observer: Any = None,
 ) -> None:
     """Serve SSH + SFTP on one forwarded channel until it closes.
 
@@ -63,6 +64,7 @@ def x2go_rev_forward_sftpchannel_handler(
         login_grace_time: seconds from ``arrived`` to an authenticated session (see :func:`inner.serve_channel`).
         arrived: ``time.monotonic()`` when the channel arrived (default: now).
         login: the connection's slot in its tunnel's :class:`auth.LoginGate`, freed when it ends.
+        session_observer: told of each SFTP session (see :func:`inner.serve_channel`).
     """
     xlog = log.tagged(logger, __NAME__)
     if chan is None or auth_key is None:
@@ -80,7 +82,7 @@ def x2go_rev_forward_sftpchannel_handler(
 
     serve_channel(chan, auth_key, exports=exports, host_key=host_key, username=username,
                   logger=logger, on_transport=remember, login_grace_time=login_grace_time,
-                  arrived=arrived, login=login)
+                  arrived=arrived, login=login, session_observer=session_observer)
 
 
 class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
@@ -111,6 +113,10 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
             closed on arrival (default :data:`auth.MAX_STARTUPS`).
         max_connections: logged-in connections at once; a login beyond it is
             closed (default :data:`auth.MAX_CONNECTIONS`).
+        session_observer: optional; its ``session_started(engine)`` and
+            ``session_ended(engine)`` are called for every SFTP session of this
+            tunnel, whose live figures it may read meanwhile (see
+            :class:`x2go_sftp.share.MountCounters`).
     """
 
     _log_tag = __NAME__
@@ -132,6 +138,7 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         login_grace_time: float = LOGIN_GRACE_TIME,
         max_startups: int = MAX_STARTUPS,
         max_connections: int = MAX_CONNECTIONS,
+        session_observer: Any = None,
     ):
         super().__init__(server_port, rforward.FORWARD_ADDRESS, 0, ssh_transport,
                          session_instance=session_instance, logger=logger, loglevel=loglevel)
@@ -141,11 +148,13 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         self.host_key = host_key
         self.username = username
         self.login_grace_time = login_grace_time
+        self.session_observer = session_observer
         self.login_gate = LoginGate(max_startups, max_connections, logger=self.logger)
         if tcp_nodelay:
             tuning.set_tcp_nodelay(ssh_transport, self.logger)
         if outer_gcm:
             tuning.rekey_outer_to_gcm(ssh_transport, self.logger)
+        paramiko_compat.fix_asbytes(self.logger)  # paramiko 2.x: no repr per packet sent (process-wide)
 
     def add_export(self, path: str, read_only: bool = False) -> None:
         """Serve the local directory ``path`` (absolute) from now on."""
@@ -186,6 +195,7 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
             "login_grace_time": self.login_grace_time,
             "arrived": arrived,
             "login": login,
+            "session_observer": self.session_observer,
         }
         thread = X2GoRevFwSFTPChannelThread(chan, target=x2go_rev_forward_sftpchannel_handler,
                                             kwargs=kwargs)
