@@ -1,7 +1,9 @@
 """Benchmark: a shared folder through X2Go's real sshfs mount, this library vs OpenSSH.
 
-    python -m tests.bench.bench_mount            # full run (~10 min on 2 cores)
-    python -m tests.bench.bench_mount --short    # CI: small sizes, one round (~1-2 min)
+    python -m tests.bench.bench_mount            # full run, paramiko 2.12.0, 3.5.1, newest (~30 min on 2 cores)
+    python -m tests.bench.bench_mount --short    # CI: small sizes, one round, paramiko 2.12.0 and newest
+    python -m tests.bench.bench_mount --short --paramiko 2.12.0 --asbytes-fix both --variants gevent,openssh
+    python -m tests.bench.bench_mount --paramiko current   # only the paramiko of this interpreter, no venv
 
 Builds the topology itself, all on 127.0.0.1: an sshd plays the X2Go server;
 python-x2go's outer paramiko connection logs into it with a command running
@@ -20,10 +22,22 @@ with X2Go's exact options.  Variants, each in its own process:
   does the inner SSH and SFTP in C; its "hop CPU" is the paramiko hop alone
 * ``direct``  sshfs straight to the local sshd, no tunnel
 
-Prints one table (median of the rounds, with the spread) and the ratios
-against ``openssh`` measured in the same run.  It never asserts speed: the
-exit status only says whether the topology could be built.  Must run as root
-(FUSE mounts, sshd).
+Each paramiko release (``--paramiko``, default: the table of supported
+releases, 2.12.0, 3.5.1 and the newest; in ``--short`` mode 2.12.0 and the
+newest) gets its own venv (tests/bench/venvs.py, kept under
+/tmp/x2go-sftp-bench-venvs) and runs every variant that has a paramiko in it;
+``openssh`` and ``direct`` run once per round, as the baseline of all.
+``--asbytes-fix off`` (or ``both``) runs the workers with the opt-out
+``X2GO_SFTP_ASBYTES_FIX=0`` (x2go_sftp/paramiko_compat.py: paramiko 2.x
+formats the repr of every packet it sends).
+
+Prints, per release, one table (median of the rounds, with the spread) and
+the ratios against ``openssh`` measured in the same run, then the summary of
+the issue: each release's read, write, create, ``ls -l``, one request as a
+ratio of OpenSSH's, CPU per MB, and the outer hop's CPU against the
+``forward`` variant's of the same release.  It never asserts speed: the exit
+status only says whether the topology could be built.  Must run as root (FUSE
+mounts, sshd).
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.bench import topology as topo
+from tests.bench import venvs
 
 MiB = 1024 * 1024
 MB = 1_000_000
@@ -64,6 +79,11 @@ REMOTE_COMMAND = "cat"
 PARALLEL_MOUNTS = 8
 
 VARIANTS = ("gevent", "threads", "gevent-gcm", "openssh", "legacy", "forward", "direct")
+# Variants without a paramiko in them: measured once per round, the baseline of every release.
+OPENSSH_ONLY = ("openssh", "direct")
+# The workers' opt-out of the asbytes fix (x2go_sftp.paramiko_compat.ASBYTES_FIX_ENV; not
+# imported here: the benchmark's own interpreter may hold another paramiko than the workers).
+ASBYTES_FIX_ENV = "X2GO_SFTP_ASBYTES_FIX"
 # Ablation variants: "gevent-no-hold", "threads-no-readahead+hold", ... (this
 # library with the named optimisations off, see worker.disable), interleaved
 # with the others round by round.
@@ -127,6 +147,11 @@ class Bench:
         self.x2go_known.write_text(topo.known_hosts_line(self.x2go.port, self.x2go.host_key))
         self.mounts: list[Path] = []
         self.counter = 0
+        # The paramiko release the workers run under: its venv's interpreter, extra
+        # environment, and the label that prefixes profile names.
+        self.python = sys.executable
+        self.worker_env: dict[str, str] = {}
+        self.label = ""
 
     def close(self) -> None:
         for mnt in self.mounts:
@@ -154,8 +179,9 @@ class Bench:
         return self._direct()
 
     def _worker(self, mode: str, *extra: str) -> Endpoint:
-        env = dict(os.environ, BENCH_EXPORT=str(self.data), PYTHONPATH=str(Path(__file__).parents[2]))
-        cmd = [sys.executable, "-m", "tests.bench.worker", mode, str(self.x2go.port), str(self.keys.workdir),
+        env = dict(os.environ, BENCH_EXPORT=str(self.data), PYTHONPATH=str(Path(__file__).parents[2]),
+                   **self.worker_env)
+        cmd = [self.python, "-m", "tests.bench.worker", mode, str(self.x2go.port), str(self.keys.workdir),
                *extra]
         if self.disable and mode != "legacy" and "--disable" not in extra:
             cmd += ["--disable", self.disable]
@@ -409,12 +435,15 @@ class Bench:
                 entry.unlink(missing_ok=True)
 
     def start_profile(self, ep: Endpoint, variant: str, phase: str) -> subprocess.Popen[bytes] | None:
-        if self.profile_dir is None or ep.single_process is None or not shutil.which("py-spy"):
+        # py-spy on PATH, or installed beside this interpreter (pip install py-spy in its venv).
+        pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if self.profile_dir is None or ep.single_process is None or not pyspy:
             return None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
-        out = self.profile_dir / f"{variant}-{phase}.txt"
+        prefix = f"{self.label}-" if self.label else ""
+        out = self.profile_dir / f"{prefix}{variant}-{phase}.txt"
         extra = os.environ.get("X2GO_BENCH_PYSPY", "").split()  # e.g. "--native -r 1000"
-        return subprocess.Popen(["py-spy", "record", "--format", "raw", "--nonblocking", "-r", "200", *extra,
+        return subprocess.Popen([pyspy, "record", "--format", "raw", "--nonblocking", "-r", "200", *extra,
                                  "-o", str(out), "-p", str(ep.single_process)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -487,13 +516,108 @@ def report(results: dict[str, list[Result]], sizes: Sizes) -> str:
     return "\n".join(lines)
 
 
+def medians(results: list[Result]) -> dict[str, float]:
+    """The median of each figure over the rounds."""
+    keys = {k for r in results for k in r.values}
+    return {k: statistics.median(r.values[k] for r in results if k in r.values) for k in keys}
+
+
+# The issue's table: figure, header, format of the absolute value, higher is better.
+SUMMARY = (
+    ("read_mbs", "read", "{:.0f} MB/s", True),
+    ("write_mbs", "write", "{:.0f} MB/s", True),
+    ("create_s", "create {n_create}", "{:.2f} s", False),
+    ("ls_s", "ls -l {n_ls}", "{:.3f} s", False),
+    ("request_ms", "one request", "{:.2f} ms", False),
+)
+
+
+def ratio(value: float | None, base: float | None, higher: bool) -> float | None:
+    """``value`` against ``base`` so that > 1 always means better."""
+    if not value or not base:
+        return None
+    return value / base if higher else base / value
+
+
+def summary(runs: dict[str, dict[str, list[Result]]], baseline: dict[str, list[Result]], sizes: Sizes) -> str:
+    """The issue's table: each release's variants against the all-OpenSSH tunnel of this run.
+
+    Args:
+        runs: per release label, the results of its variants.
+        baseline: the results of the variants without paramiko (``openssh``, ``direct``).
+    """
+    fmt_args = {"n_create": sizes.create_files, "n_ls": sizes.ls_files}
+    base = medians(baseline.get("openssh", []))
+    head = [title.format(**fmt_args) for _, title, _, _ in SUMMARY]
+    head += ["CPU ms/MB", "outer hop's CPU ms/MB", "hop CPU / forward's", "create, ls -l vs forward"]
+    lines = ["| paramiko | variant | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+    if base:
+        cells = [fmt.format(base[key]) if key in base else "-" for key, _, fmt, _ in SUMMARY]
+        cells += [f"{base.get('cpu_ms_per_mb', 0):.2f}", f"{base.get('hop_cpu_ms_per_mb', 0):.2f}", "", ""]
+        lines.append("| OpenSSH | openssh (the baseline: 1.00x) | " + " | ".join(cells) + " |")
+    for label, results in runs.items():
+        forward = medians(results.get("forward", []))
+        for variant, rs in results.items():
+            if not rs:
+                continue
+            m = medians(rs)
+            cells = []
+            for key, _, fmt, higher in SUMMARY:
+                r = ratio(m.get(key), base.get(key), higher)
+                cells.append("-" if r is None else f"{r:.2f}x ({fmt.format(m[key])})")
+            cells.append(f"{m['cpu_ms_per_mb']:.2f}" if "cpu_ms_per_mb" in m else "-")
+            cells.append(f"{m['hop_cpu_ms_per_mb']:.2f}" if "hop_cpu_ms_per_mb" in m else "-")
+            hop = forward.get("hop_cpu_ms_per_mb")
+            # Lower CPU is better, but this column reads as "times the floor" (goal <= 1.15x).
+            cells.append(f"{m['hop_cpu_ms_per_mb'] / hop:.2f}x" if hop and m.get("hop_cpu_ms_per_mb") else "-")
+            vs = [ratio(m.get(k), forward.get(k), False) for k in ("create_s", "ls_s")]
+            cells.append(", ".join("-" if r is None else f"{r:.2f}x" for r in vs))
+            lines.append(f"| {label} | {variant} | " + " | ".join(cells) + " |")
+    lines += ["", "Ratios against the all-OpenSSH tunnel of this run and, in the last column, against the "
+              "`forward` variant of the same release: > 1 means faster.  \"hop CPU / forward's\": the CPU per "
+              "MB of the process holding python-x2go's connection, as a multiple of the `forward` variant's "
+              "(paramiko relaying to OpenSSH's C server: the floor).  Absolute values in brackets."]
+    return "\n".join(lines)
+
+
+@dataclass
+class Config:
+    """One paramiko release the workers run under, with or without the asbytes fix."""
+
+    label: str
+    release: venvs.Release
+    env: dict[str, str]
+
+
+def configs(names: list[str], asbytes_fix: str, refresh: bool) -> list[Config]:
+    """Make (or reuse) each release's venv; one config per release and asbytes-fix setting."""
+    out = []
+    for name in names:
+        release = venvs.ensure(name, refresh=refresh)
+        label = f"{release.version}" + (f" ({name})" if name in ("newest", "current") else "")
+        if asbytes_fix in ("on", "both"):
+            out.append(Config(label, release, {ASBYTES_FIX_ENV: "1"}))
+        if asbytes_fix in ("off", "both"):
+            out.append(Config(f"{label} without asbytes fix", release, {ASBYTES_FIX_ENV: "0"}))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--short", action="store_true", help="small sizes, one round (CI)")
+    parser.add_argument("--short", action="store_true", help="small sizes, one round, paramiko 2.12.0 and newest (CI)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds over all variants (default 3, short 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--paramiko", default=None, metavar="R1,R2",
+                        help="paramiko releases for the workers, each in its own venv: versions, 'newest', or "
+                             f"'current' (this interpreter's; no venv).  Default {','.join(venvs.SUPPORTED)}, "
+                             f"short {','.join(venvs.SHORT)}")
+    parser.add_argument("--asbytes-fix", choices=("on", "off", "both"), default="on",
+                        help="run the workers with the paramiko 2.x asbytes fix (default), without it "
+                             f"({ASBYTES_FIX_ENV}=0), or both")
+    parser.add_argument("--refresh-venvs", action="store_true", help="rebuild the paramiko venvs from scratch")
     parser.add_argument("--disable", default="",
-                        help="switch library optimisations off: nodelay,gcm,pipe,fit,readahead,hold,fastpath,ack")
+                        help="switch library optimisations off: nodelay,gcm,pipe,fit,readahead,hold,fastpath,ack,"
+                             "asbytes")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                         help="override an integer constant of x2go_sftp.tuning in the library workers")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of the library here")
@@ -508,26 +632,50 @@ def main(argv: list[str] | None = None) -> int:
     unknown = {v for v in variants if not is_variant(v)}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
-    results: dict[str, list[Result]] = {v: [] for v in variants}
+    names = [n for n in (args.paramiko or ",".join(venvs.SHORT if args.short else venvs.SUPPORTED)).split(",") if n]
+    plain = [v for v in variants if v in OPENSSH_ONLY]
+    with_paramiko = [v for v in variants if v not in OPENSSH_ONLY]
+    setups = configs(names, args.asbytes_fix, args.refresh_venvs) if with_paramiko else []
+    for c in setups:
+        print(f"# {c.label}: paramiko {c.release.version} in {c.release.python}", flush=True)
+    baseline: dict[str, list[Result]] = {v: [] for v in plain}
+    runs: dict[str, dict[str, list[Result]]] = {c.label: {v: [] for v in with_paramiko} for c in setups}
     with tempfile.TemporaryDirectory(prefix="x2go-bench-") as tmp:
         bench = Bench(Path(tmp), sizes, args.disable, args.profile, args.set)
         try:
             for rnd in range(rounds):
-                for v in variants:
+                # Round by round, the baseline and each release interleaved, so drifts of a
+                # shared machine spread over all of them.
+                steps = [(None, v) for v in plain] + [(c, v) for c in setups for v in with_paramiko]
+                for config, v in steps:
+                    bench.python = config.release.python if config else sys.executable
+                    bench.worker_env = config.env if config else {}
+                    bench.label = f"paramiko-{config.label}".replace(" ", "-") if config else ""
+                    target = runs[config.label][v] if config else baseline[v]
                     t0 = time.monotonic()
-                    results[v].append(bench.run_variant(v))
-                    print(f"# round {rnd + 1}/{rounds} {v}: {time.monotonic() - t0:.0f}s "
-                          + json.dumps({k: round(x, 3) for k, x in results[v][-1].values.items()}),
-                          flush=True)
+                    target.append(bench.run_variant(v))
+                    print(f"# round {rnd + 1}/{rounds} {config.label + ' ' if config else ''}{v}: "
+                          f"{time.monotonic() - t0:.0f}s "
+                          + json.dumps({k: round(x, 3) for k, x in target[-1].values.items()}), flush=True)
         finally:
             bench.close()
     print()
     print(f"# {rounds} round(s), {'short' if args.short else 'full'} mode, load {os.getloadavg()[0]:.2f}"
           + (f", library optimisations disabled: {args.disable}" if args.disable else "")
           + (f", tuning overrides: {' '.join(args.set)}" if args.set else ""))
-    print(report(results, sizes))
+    for label, results in runs.items() or [("OpenSSH only", {})]:
+        print()
+        print(f"## paramiko {label}")
+        print()
+        print(report({**results, **baseline}, sizes))
+    print()
+    print("## Per paramiko release, against OpenSSH")
+    print()
+    print(summary(runs, baseline, sizes))
     if args.json:
-        args.json.write_text(json.dumps({v: [r.values for r in rs] for v, rs in results.items()}, indent=1))
+        args.json.write_text(json.dumps({"openssh": {v: [r.values for r in rs] for v, rs in baseline.items()},
+                                         **{label: {v: [r.values for r in rs] for v, rs in results.items()}
+                                            for label, results in runs.items()}}, indent=1))
     return 0
 
 

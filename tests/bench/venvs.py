@@ -1,0 +1,128 @@
+"""One virtual environment per paramiko release, for the benchmark's workers.
+
+    python -m tests.bench.venvs 2.12.0,3.5.1,newest     # make (or reuse) them; print each python
+
+The benchmark runs its worker processes (python-x2go's connection plus this
+library, from the source tree via ``PYTHONPATH``) under the interpreter of a
+venv that holds only that paramiko release and gevent.  The venvs are kept
+under :data:`CACHE_DIR` (``X2GO_BENCH_VENVS`` overrides it), one per release and
+Python minor version, so a repeated run starts at once.  ``newest`` is upgraded
+from the package index at most once per :data:`NEWEST_RECHECK_S`.
+
+Release names: a version (``2.12.0``), ``newest`` (what pip picks today), or
+``current`` (no venv: the benchmark's own interpreter and its paramiko).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_DIR = Path(os.environ.get("X2GO_BENCH_VENVS", "/tmp/x2go-sftp-bench-venvs"))
+# How old the "newest" venv may be before pip is asked again for a newer paramiko.
+NEWEST_RECHECK_S = 24 * 3600
+# What every worker needs besides paramiko: gevent for the gevent-patched variants
+# (python-x2go runs under it).  x2go_sftp itself comes from the source tree.
+EXTRA_PACKAGES = ("gevent",)
+# pip may take a while to fetch cryptography and gevent wheels on a slow link.
+PIP_TIMEOUT_S = 900
+# Releases in the table of supported paramiko releases (issue 12): Debian 12 / Ubuntu 24.04,
+# Debian 13, and the newest.
+SUPPORTED = ("2.12.0", "3.5.1", "newest")
+SHORT = ("2.12.0", "newest")  # CI's short mode: the oldest supported and the newest
+
+
+@dataclass(frozen=True)
+class Release:
+    """A paramiko release the benchmark runs its workers under."""
+
+    name: str  # as asked for: "2.12.0", "newest", "current"
+    python: str  # the interpreter of its venv
+    version: str  # the paramiko version installed there
+
+
+def _python_tag() -> str:
+    return f"py{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _installed_version(python: str) -> str:
+    out = subprocess.run([python, "-c", "import paramiko; print(paramiko.__version__)"],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"{python}: paramiko does not import: {out.stderr.strip()[-500:]}")
+    return out.stdout.strip()
+
+
+def _pip_install(python: str, requirements: list[str], upgrade: bool) -> None:
+    cmd = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+           *(["--upgrade"] if upgrade else []), *requirements]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    if res.returncode != 0:
+        raise RuntimeError(f"pip install {' '.join(requirements)} failed: {res.stderr.strip()[-1000:]}")
+
+
+def ensure(name: str, cache_dir: Path = CACHE_DIR, refresh: bool = False) -> Release:
+    """Make (or reuse) the venv of paramiko release ``name``; see the module docstring.
+
+    Args:
+        name: a version such as ``2.12.0``, ``newest`` or ``current``.
+        cache_dir: where the venvs live.
+        refresh: rebuild the venv from scratch.
+
+    Raises:
+        RuntimeError: the venv could not be made (no network, no wheel for this Python, ...).
+    """
+    if name == "current":
+        return Release(name, sys.executable, _installed_version(sys.executable))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    home = cache_dir / f"paramiko-{name}-{_python_tag()}"
+    python = str(home / "bin" / "python")
+    marker = home / "x2go-bench-ready.json"
+    # Two benchmark runs at once must not build the same venv together.
+    with open(cache_dir / f".{home.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if refresh and home.exists():
+            shutil.rmtree(home)
+        if marker.exists():
+            made = json.loads(marker.read_text())
+            if name != "newest" or time.time() - made["checked"] < NEWEST_RECHECK_S:
+                return Release(name, python, made["version"])
+            try:
+                _pip_install(python, ["paramiko", *EXTRA_PACKAGES], upgrade=True)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                # Offline: keep measuring with the newest we have, and say so.
+                print(f"# venvs: could not check for a newer paramiko ({exc}); using {made['version']}",
+                      file=sys.stderr, flush=True)
+                return Release(name, python, made["version"])
+        else:
+            if home.exists():
+                shutil.rmtree(home)  # a half-made venv from an interrupted run
+            subprocess.run([sys.executable, "-m", "venv", str(home)], check=True, timeout=300)
+            spec = "paramiko" if name == "newest" else f"paramiko=={name}"
+            _pip_install(python, [spec, *EXTRA_PACKAGES], upgrade=False)
+        version = _installed_version(python)
+        marker.write_text(json.dumps({"version": version, "checked": time.time()}))
+        return Release(name, python, version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("releases", nargs="?", default=",".join(SUPPORTED))
+    parser.add_argument("--refresh", action="store_true", help="rebuild the venvs from scratch")
+    args = parser.parse_args(argv)
+    for name in filter(None, args.releases.split(",")):
+        release = ensure(name, refresh=args.refresh)
+        print(f"{release.name}: paramiko {release.version}: {release.python}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
