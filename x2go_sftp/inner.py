@@ -19,6 +19,7 @@ from .backend import JailedSFTPServer
 from .defaults import current_local_user, default_host_key
 from .engine import SFTPEngine
 from .exports import Exports
+from .paramiko_compat import cancel_handshake_timer
 
 # From a connection's arrival to its authenticated session channel: banner,
 # key exchange, authentication and the channel open together (OpenSSH
@@ -174,7 +175,7 @@ def serve_channel(
                    loglevel=log.loglevel_INFO)
             return
         if not transport.is_active():
-            logger(f"inner SSH negotiation on {chan} failed: {transport.get_exception()}",
+            logger(f"inner SSH negotiation on {chan} failed: {transport.get_exception() or 'connection closed'}",
                    loglevel=log.loglevel_INFO)
             return
         # Keep the references: paramiko closes a Channel when it is garbage collected.
@@ -201,4 +202,7 @@ def serve_channel(
         chan.close()
         if transport is not threading.current_thread() and transport.ident is not None:
             transport.join(TRANSPORT_JOIN_TIMEOUT)
+        # A peer that sent only its banner would leave paramiko's handshake
+        # timer thread running for the whole grace time after we are gone.
+        cancel_handshake_timer(transport)
         logger(f"sFTP channel {chan} closed down", loglevel=log.loglevel_DEBUG)

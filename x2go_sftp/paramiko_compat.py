@@ -36,6 +36,23 @@ def open_channel_count(transport: Any) -> int:
 __all__ = ["open_channel_count", "paramiko"]
 
 
+def cancel_handshake_timer(transport: Any) -> None:
+    """End the timer thread paramiko starts for a transport's first packet (2.12 .. 5.x).
+
+    paramiko's ``Packetizer.start_handshake`` starts a ``threading.Timer`` once
+    the peer's banner is in, and cancels it only when a packet has been
+    handled: a peer that sends a banner and disconnects leaves a thread behind
+    for the whole ``handshake_timeout``.  Call after the transport's thread has
+    ended; does nothing where the packetizer lacks the method.
+    """
+    complete = getattr(getattr(transport, "packetizer", None), "complete_handshake", None)
+    if complete is not None:
+        try:
+            complete()
+        except Exception:
+            pass
+
+
 # -- paramiko 2.x: asbytes() formats the repr of every packet it sends ----------------
 #
 # paramiko 2.x's ``common.asbytes(s)`` first tries ``py3compat.b(s)``, which, for

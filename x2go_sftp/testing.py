@@ -20,8 +20,13 @@ import paramiko
 from . import log
 from .rforward import relay
 
+# Every thread of the stand-in server (it stands for another machine's sshd)
+# is named with this prefix, so tests can count the client's threads apart.
+SERVER_THREAD_PREFIX = "x2go-server-"
+
 
 def _relay(sock: socket.socket, chan: paramiko.Channel) -> None:
+    """sshd's side of one forwarded connection: copy until either side ends, then close both."""
     try:
         relay(sock, chan)
     except (OSError, EOFError):
@@ -47,7 +52,8 @@ class _Forward:
         self.port = self.listener.getsockname()[1]
         self._closed = False
         self.relays: list[threading.Thread] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True, name=f"fwd-{self.port}")
+        self.thread = threading.Thread(target=self._accept, daemon=True,
+                                       name=f"{SERVER_THREAD_PREFIX}fwd-{self.port}")
         self.thread.start()
 
     def _accept(self) -> None:
@@ -62,7 +68,8 @@ class _Forward:
             except Exception:
                 sock.close()
                 continue
-            relay = threading.Thread(target=_relay, args=(sock, chan), daemon=True)
+            relay = threading.Thread(target=_relay, args=(sock, chan), daemon=True,
+                                     name=f"{SERVER_THREAD_PREFIX}relay-{self.port}")
             self.relays = [t for t in self.relays if t.is_alive()] + [relay]
             relay.start()
 
@@ -97,7 +104,7 @@ class _ServerPolicy(paramiko.ServerInterface):
             channel.send_exit_status(0)
             channel.close()
 
-        threading.Thread(target=finish, daemon=True).start()
+        threading.Thread(target=finish, daemon=True, name=f"{SERVER_THREAD_PREFIX}exec").start()
         return True
 
     def check_port_forward_request(self, address: str, port: int) -> int | bool:
@@ -142,7 +149,7 @@ class LoopbackX2GoServer:
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(8)
         self.port = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, daemon=True, name="x2go-server")
+        self._thread = threading.Thread(target=self._accept, daemon=True, name=f"{SERVER_THREAD_PREFIX}accept")
         self._thread.start()
 
     def _accept(self) -> None:
@@ -153,6 +160,7 @@ class LoopbackX2GoServer:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as sshd does
             transport = paramiko.Transport(sock)
+            transport.name = f"{SERVER_THREAD_PREFIX}transport"
             transport.add_server_key(self.host_key)
             ref: list[paramiko.Transport] = [transport]
             self.transports.append(transport)
