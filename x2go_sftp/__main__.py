@@ -1,4 +1,4 @@
-"""Command line: ``python -m x2go_sftp demo``.
+"""Command line: ``python -m x2go_sftp`` (``share``, ``demo``: see :mod:`x2go_sftp.cli`); the demo.
 
 The demo plays both ends of an X2Go folder share in one process: a loopback
 stand-in for the X2Go server's sshd, python-x2go's outer SSH connection to it,
@@ -8,7 +8,6 @@ the server's sshfs) that lists the folder, writes a file and reads it back.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
@@ -90,16 +89,10 @@ def demo(size: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m x2go_sftp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="share a temporary folder through an in-process X2Go server")
-    p_demo.add_argument("--size", type=int, default=4 * 1024 * 1024, help="bytes to write and read back")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo(args.size)
-    return 2
+    """``python -m x2go_sftp``: the ``x2go-sftp`` command (see :mod:`x2go_sftp.cli`)."""
+    from .cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -327,8 +327,16 @@ class SFTPEngine(paramiko.SFTPServer):
     hold_replies = True
 
     def __init__(self, channel: paramiko.Channel, name: str, server: paramiko.ServerInterface,
-                 sftp_si: type = paramiko.SFTPServerInterface, *args: Any, **kwargs: Any):
+                 sftp_si: type = paramiko.SFTPServerInterface, *args: Any,
+                 session_observer: Any = None, **kwargs: Any):
         super().__init__(channel, name, server, sftp_si, *args, **kwargs)
+        # Live figures for a watcher (x2go_sftp.share.MountCounters): told of this
+        # session at its start and end, it reads the attributes below meanwhile.
+        # Each is written by this session's thread only.
+        self.session_observer = session_observer
+        self.bytes_in = 0  # SFTP packets received, length fields included
+        self.bytes_out = 0  # SFTP packets sent
+        self.error_statuses: Counter[int] = Counter()  # STATUS replies other than OK and EOF, by code
         self.xlog = log.tagged(kwargs.get("logger"), "sftp")
         self.username: str | None = getattr(server, "username", None)
         # Unparsed input (from _in_pos on) and replies not yet sent, see _send().
@@ -404,6 +412,7 @@ class SFTPEngine(paramiko.SFTPServer):
         if size == 0:
             raise BadMessage("empty packet")
         data = self._read_all(size)
+        self.bytes_in += 4 + size
         return data[0], data[1:]
 
     def _read_all(self, n: int) -> bytes:
@@ -464,6 +473,7 @@ class SFTPEngine(paramiko.SFTPServer):
             data, keep = data[:cut], data[cut:]
         self._out = [keep] if keep else []
         self._out_len = len(keep)
+        self.bytes_out += len(data)
         try:
             self._write_all(data)
         except (OSError, EOFError) as e:
@@ -471,6 +481,7 @@ class SFTPEngine(paramiko.SFTPServer):
 
     def start_subsystem(self, name: str, transport: paramiko.Transport, channel: paramiko.Channel) -> None:
         self.sock = channel
+        self._tell_observer("session_started")
         try:
             t, _ = self._read_packet()
             if t != CMD_INIT:
@@ -581,6 +592,16 @@ class SFTPEngine(paramiko.SFTPServer):
             self.sock.close()
         except Exception:
             pass
+        self._tell_observer("session_ended")
+
+    def _tell_observer(self, event: str) -> None:
+        """Call ``session_observer.<event>(self)``; a failing observer never ends the session."""
+        if self.session_observer is None:
+            return
+        try:
+            getattr(self.session_observer, event)(self)
+        except Exception as e:
+            self.xlog(f"session observer's {event} failed: {e!r}", loglevel=log.loglevel_ERROR)
 
     # -- replies -------------------------------------------------------------
     def _send_status(self, request_number: int, code: int, desc: str | None = None) -> None:
@@ -588,6 +609,8 @@ class SFTPEngine(paramiko.SFTPServer):
             desc = getattr(code, "message", None)
         if desc is None:
             desc = Status(code).message
+        if code != SFTP_OK and code != SFTP_EOF:
+            self.error_statuses[int(code)] += 1
         self._send(CMD_STATUS, _U32.pack(request_number) + _U32.pack(int(code))
                    + _string(_enc(desc)) + _string(b""))
 

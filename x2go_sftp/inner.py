@@ -127,6 +127,7 @@ def serve_channel(
     login_grace_time: float = LOGIN_GRACE_TIME,
     arrived: float | None = None,
     login: Login | None = None,
+    session_observer: Any = None,
 ) -> None:
     """Run an SSH + SFTP server over ``chan`` until the client or the tunnel closes it.
 
@@ -145,6 +146,9 @@ def serve_channel(
         login: this connection's slot in its tunnel's :class:`auth.LoginGate`;
             freed when the connection ends, and the connection closed if the
             tunnel already has its maximum of logged-in connections.
+        session_observer: passed to each SFTP session's engine: its
+            ``session_started(engine)`` / ``session_ended(engine)`` are called
+            and it may read the engine's live figures in between.
     """
     logger = log.tagged(logger, "inner")
     deadline = (time.monotonic() if arrived is None else arrived) + login_grace_time
@@ -156,7 +160,8 @@ def serve_channel(
             on_transport(transport)
         transport.add_server_key(host_key if host_key is not None else default_host_key())
         transport.set_subsystem_handler(
-            "sftp", TunedSFTPEngine, sftp_si=JailedSFTPServer, exports=exports, logger=logger.wrapped
+            "sftp", TunedSFTPEngine, sftp_si=JailedSFTPServer, exports=exports, logger=logger.wrapped,
+            session_observer=session_observer,
         )
         server = SessionKeyAuth(auth_key, username or current_local_user(), logger=logger.wrapped,
                                 transport=transport)
