@@ -86,7 +86,7 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 from paramiko.sftp_handle import SFTPHandle
 
-from . import log
+from . import log, paramiko_compat
 from .status import Status, from_oserror
 
 SFTP_VERSION = 3
@@ -126,6 +126,28 @@ EXIT_PROTOCOL_ERROR = 255
 
 # copy-data moves data in chunks of this size between two open handles (as OpenSSH).
 COPY_CHUNK = 64 * 1024
+
+# Offsets, lengths and sizes travel as uint64 but off_t is signed 64-bit.
+# OpenSSH casts the value to off_t, and lseek()/ftruncate() then answer EINVAL;
+# we refuse larger values before the backend sees them, with FAILURE and a
+# message (SFTP v3 has no INVALID_PARAMETER; OpenSSH sends its EINVAL as
+# BAD_MESSAGE, but the message itself parsed fine).
+MAX_OFFSET = 2**63 - 1
+
+# users-groups-by-id@openssh.com: ids (uids + gids) per request.  OpenSSH
+# bounds them only by the packet size (65,536 ids, each an NSS lookup), and
+# pays in the session's own process; here every session shares one process,
+# and 65k unknown ids cost seconds of CPU.  OpenSSH's sftp client asks for
+# the distinct owners of one listing, a handful; 1024 distinct lookups take
+# about 0.1 s.  Repeated ids are looked up once (the session's name cache).
+MAX_IDS_PER_REQUEST = 1024
+
+# Log lines a client can provoke, one limiter per kind for the whole process
+# (so many sessions do not multiply the budget): bad input (INFO) and backend
+# failures (ERROR).  Limits: log.LOG_BURST lines per log.LOG_INTERVAL.
+_BAD_INPUT_LOG = log.RateLimiter()
+_BACKEND_ERROR_LOG = log.RateLimiter()
+_HANDLE_CAP_LOG = log.RateLimiter()
 
 # statvfs@openssh.com flag bits (OpenSSH PROTOCOL, section 4.4).
 SSH2_FXE_STATVFS_ST_RDONLY = 0x1
@@ -178,6 +200,10 @@ class BadMessage(ValueError):
     """A request whose fields do not parse (answered with SSH_FX_BAD_MESSAGE)."""
 
 
+class InvalidArgument(ValueError):
+    """A request that parses but carries a value we cannot act on (FAILURE, as EINVAL)."""
+
+
 class ChannelGone(Exception):
     """Sending a reply failed: the client or the tunnel closed the channel."""
 
@@ -221,6 +247,13 @@ class Reader:
     def u64(self) -> int:
         return int(_U64.unpack(self._take(8))[0])
 
+    def offset(self, what: str = "offset") -> int:
+        """A uint64 offset or length that must fit ``off_t`` (:data:`MAX_OFFSET`)."""
+        value = self.u64()
+        if value > MAX_OFFSET:
+            raise InvalidArgument(f"Invalid argument: {what} out of range")
+        return value
+
     def string(self) -> bytes:
         return self._take(self.u32())
 
@@ -234,7 +267,7 @@ class Reader:
         """ATTRS as in draft-ietf-secsh-filexfer-02 section 5."""
         attr = SFTPAttributes()
         flags = self.u32()
-        attr._flags = flags
+        paramiko_compat.set_attr_flags(attr, flags)
         if flags & SFTPAttributes.FLAG_SIZE:
             attr.st_size = self.u64()
         if flags & SFTPAttributes.FLAG_UIDGID:
@@ -277,6 +310,12 @@ def pack_attrs(attr: SFTPAttributes) -> bytes:
         out.append(_U32.pack(int(attr.st_atime) & _U32_MASK) + _U32.pack(int(attr.st_mtime) & _U32_MASK))
     out[0] = _U32.pack(flags)
     return b"".join(out)
+
+
+def _check_size(attr: SFTPAttributes) -> None:
+    """InvalidArgument for a SETSTAT/FSETSTAT size ``off_t`` cannot hold (OpenSSH: EINVAL)."""
+    if attr.st_size is not None and attr.st_size > MAX_OFFSET:
+        raise InvalidArgument("Invalid argument: size out of range")
 
 
 def _mode_string(mode: int) -> str:
@@ -459,7 +498,7 @@ class SFTPEngine(paramiko.SFTPServer):
         if self._io is not None:
             self._io.sendall(out)
         else:
-            super()._write_all(out)
+            paramiko_compat.sftp_write_all(self, out)
 
     def _packet_payload(self) -> int:
         return max(getattr(self.sock, "out_max_packet_size", 32768) - _CHANNEL_PACKET_SLACK, 1024)
@@ -517,23 +556,32 @@ class SFTPEngine(paramiko.SFTPServer):
                 self._fatal(channel, "packet without request id", EXIT_PROTOCOL_ERROR)
                 return
             request_number = _U32.unpack_from(data)[0]
+            # Lines a client can provoke at will are rate-limited process-wide.
             try:
                 self._process(t, request_number, Reader(data, 4))
             except BadMessage as e:
-                self.xlog(f"sFTP {CMD_NAMES.get(t, t)} #{request_number}: {e}", loglevel=log.loglevel_INFO)
+                log.limited(self.xlog, _BAD_INPUT_LOG, f"sFTP {CMD_NAMES.get(t, t)} #{request_number}: {e}",
+                            log.loglevel_INFO)
                 if not self._try_status(request_number, Status(SFTP_BAD_MESSAGE, str(e))):
+                    return
+            except InvalidArgument as e:
+                log.limited(self.xlog, _BAD_INPUT_LOG, f"sFTP {CMD_NAMES.get(t, t)} #{request_number}: {e}",
+                            log.loglevel_INFO)
+                if not self._try_status(request_number, Status(SFTP_FAILURE, str(e))):
                     return
             except ChannelGone as e:
                 self.xlog(f"sFTP session on {channel} ended while replying: {e}", loglevel=log.loglevel_DEBUG)
                 return
             except OSError as e:
                 # A backend call that raised instead of returning a status.
-                self.xlog(f"sFTP request {CMD_NAMES.get(t, t)} failed: {e!r}", loglevel=log.loglevel_INFO)
+                log.limited(self.xlog, _BAD_INPUT_LOG, f"sFTP request {CMD_NAMES.get(t, t)} failed: {e!r}",
+                            log.loglevel_INFO)
                 if not self._try_status(request_number, from_oserror(e)):
                     return
             except Exception as e:
-                # A backend bug: answer, log it loudly, keep serving.
-                self.xlog(f"sFTP request {CMD_NAMES.get(t, t)} failed: {e!r}", loglevel=log.loglevel_ERROR)
+                # A backend bug: answer, log it loudly (but not once per packet), keep serving.
+                log.limited(self.xlog, _BACKEND_ERROR_LOG, f"sFTP request {CMD_NAMES.get(t, t)} failed: {e!r}",
+                            log.loglevel_ERROR)
                 if not self._try_status(request_number, Status(SFTP_FAILURE, "Internal error")):
                     return
 
@@ -635,8 +683,8 @@ class SFTPEngine(paramiko.SFTPServer):
     def _at_handle_cap(self, request_number: int) -> bool:
         if self._open_handles() < MAX_OPEN_HANDLES:
             return False
-        self.xlog(f"refusing a handle: {MAX_OPEN_HANDLES} already open in this session",
-                  loglevel=log.loglevel_NOTICE)
+        log.limited(self.xlog, _HANDLE_CAP_LOG, f"refusing a handle: {MAX_OPEN_HANDLES} already open in this session",
+                    log.loglevel_NOTICE)
         self._send_status(request_number, Status(SFTP_FAILURE, "Too many open handles"))
         return True
 
@@ -646,7 +694,7 @@ class SFTPEngine(paramiko.SFTPServer):
             return
         name = b"hx%d" % self.next_handle
         self.next_handle += 1
-        handle._set_name(name)
+        paramiko_compat.set_handle_name(handle, name)
         (self.folder_table if folder else self.file_table)[name] = handle
         self._send(CMD_HANDLE, _U32.pack(request_number) + _string(name))
 
@@ -696,7 +744,7 @@ class SFTPEngine(paramiko.SFTPServer):
 
     def _do_read(self, request_number: int, req: Reader) -> None:
         handle = req.handle()
-        offset = req.u64()
+        offset = req.offset()
         length = min(req.u32(), MAX_READ_LENGTH)
         f = self._file(request_number, handle)
         if f is None:
@@ -712,7 +760,7 @@ class SFTPEngine(paramiko.SFTPServer):
 
     def _do_write(self, request_number: int, req: Reader) -> None:
         handle = req.handle()
-        offset = req.u64()
+        offset = req.offset()
         data = req.string()
         f = self._file(request_number, handle)
         if f is None:
@@ -736,6 +784,8 @@ class SFTPEngine(paramiko.SFTPServer):
         def handler(request_number: int, req: Reader) -> None:
             path = req.path()
             attr = req.attrs()
+            if method == "chattr":
+                _check_size(attr)
             self._send_status(request_number, getattr(self.server, method)(path, attr))
         return handler
 
@@ -757,22 +807,30 @@ class SFTPEngine(paramiko.SFTPServer):
         listing = self.server.list_folder(path)
         if isinstance(listing, list):
             folder = SFTPHandle()
-            folder._set_files(listing)
+            paramiko_compat.set_folder_listing(folder, listing)
             self._register(request_number, folder, folder=True)
         else:
             self._send_status(request_number, listing)
 
-    def _user_name(self, kind: str, ident: int) -> str:
+    def _user_name(self, kind: str, ident: int, strict: bool = False) -> str:
+        """User (``kind`` "u") or group name of ``ident``, through the session's cache.
+
+        An unknown id is its number, or with ``strict`` a KeyError (cached too).
+        """
         key = (kind, ident)
         name = self._names.get(key)
         if name is None:
             try:
                 name = pwd.getpwuid(ident).pw_name if kind == "u" else grp.getgrgid(ident).gr_name
             except (KeyError, OverflowError, ValueError):
-                name = str(ident)
+                name = ""
             if len(self._names) >= _NAME_CACHE_SIZE:
                 self._names.clear()
             self._names[key] = name
+        if not name:
+            if strict:
+                raise KeyError(ident)
+            return str(ident)
         return name
 
     def _date(self, mtime: float | None, now: float) -> str:
@@ -816,7 +874,7 @@ class SFTPEngine(paramiko.SFTPServer):
             self._send_status(request_number, Status(SFTP_FAILURE, "Invalid handle"))
             return
         read_batch = getattr(folder, "read_batch", None)
-        batch = read_batch(READDIR_MAX_NAMES) if read_batch is not None else folder._get_next_files()
+        batch = read_batch(READDIR_MAX_NAMES) if read_batch is not None else paramiko_compat.next_folder_batch(folder)
         if not isinstance(batch, list):
             self._send_status(request_number, batch)
             return
@@ -846,6 +904,7 @@ class SFTPEngine(paramiko.SFTPServer):
     def _do_fsetstat(self, request_number: int, req: Reader) -> None:
         handle = req.handle()
         attr = req.attrs()
+        _check_size(attr)
         f = self._file(request_number, handle)
         if f is not None:
             self._send_status(request_number, f.chattr(attr))
@@ -945,7 +1004,7 @@ class SFTPEngine(paramiko.SFTPServer):
     def _ext_lsetstat(self, request_number: int, req: Reader) -> None:
         path = req.path()
         attr = req.attrs()
-        if attr._flags & SFTPAttributes.FLAG_SIZE:
+        if paramiko_compat.attr_flags(attr) & SFTPAttributes.FLAG_SIZE:
             # As OpenSSH: a symlink has no size to set, so the request is malformed.
             self._send_status(request_number, Status(SFTP_BAD_MESSAGE, "lsetstat cannot set a size"))
             return
@@ -1006,8 +1065,13 @@ class SFTPEngine(paramiko.SFTPServer):
 
         uids = ids(req.string())
         gids = ids(req.string())
-        users = names(uids, lambda u: pwd.getpwuid(u).pw_name)
-        groups = names(gids, lambda g: grp.getgrgid(g).gr_name)
+        if len(uids) + len(gids) > MAX_IDS_PER_REQUEST:
+            self._send_status(request_number, Status(
+                SFTP_FAILURE, f"Too many ids in one request (at most {MAX_IDS_PER_REQUEST})"))
+            return
+        # Through the session's cache: a repeated id costs one NSS lookup.
+        users = names(uids, lambda u: self._user_name("u", u, strict=True))
+        groups = names(gids, lambda g: self._user_name("g", g, strict=True))
         body = _U32.pack(request_number) + _string(users) + _string(groups)
         if len(body) + 5 > SSHFS_MAX_REPLY:
             self._send_status(request_number, Status(SFTP_FAILURE, "Too many ids in one request"))
@@ -1016,10 +1080,10 @@ class SFTPEngine(paramiko.SFTPServer):
 
     def _ext_copy_data(self, request_number: int, req: Reader) -> None:
         src = req.handle()
-        read_offset = req.u64()
-        length = req.u64()
+        read_offset = req.offset("read offset")
+        length = req.offset("length")
         dst = req.handle()
-        write_offset = req.u64()
+        write_offset = req.offset("write offset")
         fin = self._file(request_number, src)
         if fin is None:
             return

@@ -22,8 +22,15 @@ inner transport's packets itself:
 * The cipher state (keys, GCM invocation counters, sequence numbers, the
   rekey counters) is paramiko's own, read and written in place under
   paramiko's write lock, so both paths always agree.
-* Only AES-GCM (paramiko >= 3.5) is handled; with any other cipher, an older
-  paramiko, compression or packet dumps, nothing changes.
+* Only AES-GCM (paramiko >= 3.5) is handled, by name in both directions
+  (:data:`FAST_CIPHERS`); with any other cipher, an older paramiko,
+  compression or packet dumps, nothing changes.
+* It fails safe: every paramiko internal it touches goes through
+  :mod:`paramiko_compat`, which turns it off for a transport on an unknown
+  release or a missing name; it never sends while paramiko would not (a key
+  exchange started: RFC 4253 7.1); and an exception in its hooks inside
+  paramiko's thread turns it off for that transport (paramiko reads on as
+  usual) instead of ending the connection.
 """
 
 from __future__ import annotations
@@ -35,9 +42,9 @@ from typing import Any
 
 import paramiko
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST, cMSG_CHANNEL_WINDOW_ADJUST
-from paramiko.packet import NeedRekeyException, Packetizer
+from paramiko.packet import NeedRekeyException
 
-from . import log
+from . import log, paramiko_compat
 
 # Switch the fast path off (to measure what it buys, or to rule it out).
 ENABLED = True
@@ -45,46 +52,45 @@ ENABLED = True
 # How often a parked paramiko thread re-checks that its transport still lives.
 PARK_RECHECK = 2.0  # close(), give_back() and release() wake it at once; this is a safety net
 
-# Largest inner packet accepted on the fast path (OpenSSH's PACKET_MAX_SIZE).
-MAX_PACKET = 256 * 1024
+# Largest inner packet accepted on the fast path: OpenSSH's PACKET_MAX_SIZE, as on paramiko's path.
+MAX_PACKET = paramiko_compat.PACKET_MAX_SIZE
+
+# The ciphers the fast path speaks, by name, in both directions: the AES-GCM
+# of RFC 5647 as OpenSSH names it.  Being an AEAD is not enough: the packet
+# layout, nonce and tag handling below are those of these two only.
+FAST_CIPHERS = frozenset({"aes128-gcm@openssh.com", "aes256-gcm@openssh.com"})
 
 _GCM_TAG = 16
 _GCM_BLOCK = 16
 _U32 = struct.Struct(">I")
 _DATA_HEAD = struct.Struct(">BBII")  # padding length, message type, recipient, data length
 _ADJUST = struct.Struct(">BII")
-_P = "_Packetizer__"  # paramiko's private packetizer fields, by their mangled names
-_REQUIRED = ("block_engine_in", "block_engine_out", "iv_in", "iv_out", "aead_in", "aead_out",
-             "sequence_number_in", "sequence_number_out", "write_lock", "received_bytes",
-             "received_packets", "sent_bytes", "sent_packets", "need_rekey", "remainder",
-             "compress_engine_in", "compress_engine_out", "dump_packets", "closed")
-
-
-def _next_iv(iv: bytes) -> bytes:
-    """The next AES-GCM nonce: the 64-bit invocation counter after the fixed field (RFC 5647 7.1)."""
-    return iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+_log_off = log.tagged(None, "fastpath", loglevel=log.loglevel_DEFAULT | log.loglevel_INFO)
 
 
 class Handover(Exception):
     """Raised by a channel's pipe to its reader: paramiko is parked, read the transport yourself."""
 
 
-class LeanPacketizer(Packetizer):
-    """paramiko's ``Packetizer`` whose reading can be lent to one SFTP session's engine.
+class LeanPacketizer(paramiko_compat.BoundedPacketizer):
+    """paramiko's ``Packetizer`` (bounded) whose reading can be lent to one SFTP session's engine.
 
     Made by changing the class of the packetizer paramiko built (the fields
-    are paramiko's); nothing differs until a :class:`SessionIO` asks for the
-    data path.
+    are paramiko's); nothing differs from :class:`paramiko_compat.BoundedPacketizer`
+    until a :class:`SessionIO` asks for the data path.
     """
 
     _lean_cv: threading.Condition | None = None
     _lean_owner: SessionIO | None = None
     _lean_active = False
+    _lean_off = False  # set for good once a hook failed in paramiko's thread
     _lean_pushback: tuple[int, paramiko.Message] | None = None
     _lean_rekey = False
+    _lean_transport: Any = None
 
-    def lean_init(self) -> None:
+    def lean_init(self, transport: Any) -> None:
         self._lean_cv = threading.Condition(threading.Lock())
+        self._lean_transport = transport
 
     # -- paramiko's thread -------------------------------------------------
     def read_message(self) -> tuple[int, paramiko.Message]:
@@ -98,12 +104,16 @@ class LeanPacketizer(Packetizer):
                     return message
                 if self._lean_rekey:
                     self._lean_rekey = False
-                    self._trigger_rekey()
+                    paramiko_compat.trigger_rekey(self)
                     raise NeedRekeyException()
                 owner = self._lean_owner
-                if owner is None or not owner.may_take_over():
+                if owner is None or self._lean_off:
                     break
-                if not owner.offer():
+                try:
+                    if not owner.may_take_over() or not owner.offer():
+                        break
+                except Exception as e:  # a bug of ours must not end the connection: paramiko reads on
+                    self._switch_off(owner, e)
                     break
                 self._lean_active = True
                 while self._lean_active and not self.closed:
@@ -113,6 +123,17 @@ class LeanPacketizer(Packetizer):
                     raise EOFError()
         return super().read_message()  # type: ignore[no-any-return]
 
+    def _switch_off(self, owner: SessionIO, why: BaseException) -> None:
+        """A hook failed in paramiko's thread (lock held): no fast path on this transport from now on."""
+        self._lean_off = True
+        self._lean_active = False
+        try:
+            owner.withdraw_offer()
+        except Exception:
+            pass  # the engine checks parked() before it reads anyway
+        _log_off(f"fast path off for {self._lean_transport!r}: {why!r} in paramiko's thread; "
+                 f"paramiko reads on", loglevel=log.loglevel_WARN)
+
     def close(self) -> None:
         super().close()
         if self._lean_cv is not None:
@@ -120,6 +141,12 @@ class LeanPacketizer(Packetizer):
                 self._lean_cv.notify_all()
 
     # -- the engine's thread -----------------------------------------------
+    def parked(self) -> bool:
+        """True while paramiko's thread is parked and the data path is the engine's."""
+        assert self._lean_cv is not None
+        with self._lean_cv:
+            return self._lean_active and not self._lean_off
+
     def give_back(self, pushback: tuple[int, paramiko.Message] | None = None, rekey: bool = False) -> None:
         """End a fast-path stretch: paramiko reads again (first ``pushback``, if any)."""
         assert self._lean_cv is not None
@@ -133,7 +160,7 @@ class LeanPacketizer(Packetizer):
         """Make ``owner`` the one session that may take the data path (first come, first served)."""
         assert self._lean_cv is not None
         with self._lean_cv:
-            if self._lean_owner is None:
+            if self._lean_owner is None and not self._lean_off:
                 self._lean_owner = owner
             return self._lean_owner is owner
 
@@ -146,22 +173,14 @@ class LeanPacketizer(Packetizer):
                 self._lean_active = False
                 self._lean_cv.notify_all()
 
-    def lean_send(self, plain: bytes) -> bool:
+    def lean_send(self, plain: bytes) -> bool | None:
         """Encrypt and send one packet whose plaintext (padding length, payload, padding) is ``plain``.
 
-        Returns True once paramiko's rekey limits for sending are reached.
+        Returns None when nothing was sent because paramiko would not send now
+        (a key exchange has begun, RFC 4253 7.1, or the transport is closing);
+        else True once paramiko's rekey limits for sending are reached.
         """
-        d = self.__dict__
-        head = _U32.pack(len(plain))
-        with d[_P + "write_lock"]:
-            iv = d[_P + "iv_out"]
-            out = head + d[_P + "block_engine_out"].encrypt(iv, plain, head)
-            d[_P + "iv_out"] = _next_iv(iv)
-            d[_P + "sequence_number_out"] = (d[_P + "sequence_number_out"] + 1) & 0xFFFFFFFF
-            self.write_all(out)
-            sent = d[_P + "sent_bytes"] = d[_P + "sent_bytes"] + len(out)
-            packets = d[_P + "sent_packets"] = d[_P + "sent_packets"] + 1
-        return bool(sent >= self.REKEY_BYTES or packets >= self.REKEY_PACKETS)
+        return paramiko_compat.gcm_send(self._lean_transport, self, plain)
 
     def lean_decrypt(self, head: bytes, body: bytes) -> tuple[bytes, int, bool]:
         """Decrypt one packet (``body`` includes the tag).
@@ -169,24 +188,22 @@ class LeanPacketizer(Packetizer):
         Returns the plaintext, its sequence number, and whether paramiko's
         rekey limits for receiving are reached.
         """
-        d = self.__dict__
-        iv = d[_P + "iv_in"]
-        plain = d[_P + "block_engine_in"].decrypt(iv, body, head)
-        d[_P + "iv_in"] = _next_iv(iv)
-        seq = d[_P + "sequence_number_in"]
-        d[_P + "sequence_number_in"] = (seq + 1) & 0xFFFFFFFF
-        got = d[_P + "received_bytes"] = d[_P + "received_bytes"] + len(body) + 4
-        packets = d[_P + "received_packets"] = d[_P + "received_packets"] + 1
-        return plain, seq, bool(got >= self.REKEY_BYTES or packets >= self.REKEY_PACKETS)
+        return paramiko_compat.gcm_open(self, head, body)
 
 
 def install(transport: paramiko.Transport) -> bool:
-    """Make ``transport``'s packetizer a :class:`LeanPacketizer` (before the transport starts)."""
-    pk = transport.packetizer
-    if not ENABLED or type(pk) is not Packetizer or not all(hasattr(pk, _P + n) for n in _REQUIRED):
-        return False  # not paramiko's own packetizer, or a paramiko without AES-GCM (< 3.5)
-    pk.__class__ = LeanPacketizer
-    pk.lean_init()
+    """Make ``transport``'s packetizer a :class:`LeanPacketizer` (before the transport starts).
+
+    Returns False (nothing changed) when the fast path is switched off, or
+    :mod:`paramiko_compat` says no for this paramiko (a release without
+    AES-GCM, an unknown release, a missing name).
+    """
+    if not ENABLED or not paramiko_compat.may(transport, paramiko_compat.FAST_PATH):
+        return False
+    if not paramiko_compat.bound_packetizer(transport, LeanPacketizer):
+        return False
+    pk = paramiko_compat.packetizer_of(transport)
+    pk.lean_init(transport)
     return True
 
 
@@ -202,13 +219,14 @@ class SessionIO:
         self.chan = chan
         self.transport = chan.get_transport()
         self.xlog = log.tagged(logger, "fastpath")
-        pk = getattr(self.transport, "packetizer", None)
-        sock = getattr(pk, "_" + "Packetizer__socket", None)
+        pk = paramiko_compat.packetizer_of(self.transport)
         self.pk: LeanPacketizer | None = None
         self.sock: Any = None
-        # install() made it a LeanPacketizer only where paramiko has every field the fast path uses.
-        if isinstance(pk, LeanPacketizer) and pk._lean_cv is not None and hasattr(sock, "read_buffered"):
-            self.pk, self.sock = pk, sock
+        # install() made it a LeanPacketizer only where paramiko_compat allows the fast path.
+        if isinstance(pk, LeanPacketizer) and pk._lean_cv is not None:
+            sock = paramiko_compat.packetizer_socket(pk)
+            if hasattr(sock, "read_buffered"):
+                self.pk, self.sock = pk, sock
         self.lean = False
         self._pending: list[bytes] = []  # data read while waiting for window on the fast path
         self._pending_bytes = 0
@@ -219,6 +237,7 @@ class SessionIO:
         self.packets_out = 0
         self.handed_back = 0
         self.rekeys = 0
+        self.kex_waits = 0  # sends handed to paramiko because a key exchange had begun
 
     # -- set-up and tear-down ----------------------------------------------
     def start(self) -> None:
@@ -233,18 +252,24 @@ class SessionIO:
             self.lean = False
 
     def may_take_over(self) -> bool:
-        """Called by paramiko's thread (packetizer lock held): may the engine read now?"""
+        """Called by paramiko's thread (packetizer lock held): may the engine read now?
+
+        Only between key exchanges, with AES-GCM by name both ways
+        (:data:`FAST_CIPHERS`), this session's channel the only one open and
+        live, and the engine not inside a send through paramiko.
+        """
         t, pk, chan = self.transport, self.pk, self.chan
-        d = pk.__dict__ if pk is not None else {}
-        return bool(
-            pk is not None and t is not None and t.active and not t.in_kex and not d[_P + "need_rekey"]
-            and not t._expected_packet
-            and d[_P + "aead_in"] and d[_P + "aead_out"] and d[_P + "block_engine_in"] is not None
-            and d[_P + "compress_engine_in"] is None and d[_P + "compress_engine_out"] is None
-            and not d[_P + "remainder"] and not d[_P + "dump_packets"]
-            and not chan.closed and not chan.eof_received and chan.active and not self._sending
-            and len(t._channels.values()) == 1
-        )
+        if pk is None or t is None or self._sending:
+            return False
+        if chan.closed or chan.eof_received or not chan.active:
+            return False
+        sending, receiving = paramiko_compat.negotiated_ciphers(t)
+        if sending not in FAST_CIPHERS or receiving not in FAST_CIPHERS:
+            return False
+        return paramiko_compat.gcm_ready(t, pk)
+
+    def _in_pipe(self) -> Any:
+        return paramiko_compat.channel_in_buffer(self.chan)
 
     def _take_offer_or_mark_sending(self) -> bool:
         """Before a send through paramiko: take a pending offer (True), or keep paramiko from parking.
@@ -255,25 +280,31 @@ class SessionIO:
         if self.pk is None or self.pk._lean_cv is None:
             return False
         with self.pk._lean_cv:
-            if self.pk._lean_active and self.chan.in_buffer.take_handover():
+            if self.pk._lean_active and not self.pk._lean_off and self._in_pipe().take_handover():
                 self.lean = True
                 self.stretches += 1
             else:
                 self._sending = True
                 return False
         # Input paramiko fed before it parked comes first (its window opens when recv hands it over).
-        early = self.chan.in_buffer.empty()
+        early = self._in_pipe().empty()
         if early:
             self._hold(bytes(early))
         return True
 
     def offer(self) -> bool:
         """paramiko has parked: wake the engine if it waits on the channel (False: cannot)."""
-        offer = getattr(self.chan.in_buffer, "offer_handover", None)
+        offer = getattr(self._in_pipe(), "offer_handover", None)
         if offer is None:
             return False  # not our pipe: nothing would tell the engine
         offer()
         return True
+
+    def withdraw_offer(self) -> None:
+        """paramiko did not park after all (a hook failed): take back an offer not yet taken."""
+        take = getattr(self._in_pipe(), "take_handover", None)
+        if take is not None:
+            take()
 
     # -- input ---------------------------------------------------------------
     def recv(self, nbytes: int) -> bytes | None:
@@ -291,6 +322,8 @@ class SessionIO:
             try:
                 return bytes(self.chan.recv(nbytes))
             except Handover:
+                if self.pk is None or not self.pk.parked():
+                    return None  # paramiko did not park after all: read the channel again
                 self.lean = True
                 self.stretches += 1
         data = self._lean_step()
@@ -343,9 +376,7 @@ class SessionIO:
         elif len(plain) >= 10 and plain[1] == MSG_CHANNEL_WINDOW_ADJUST:
             recipient, nbytes = struct.unpack_from(">II", plain, 2)
             if recipient == self.chan.chanid:
-                with self.chan.lock:
-                    self.chan.out_window_size += nbytes
-                    self.chan.out_buffer_cv.notify_all()
+                paramiko_compat.window_opened(self.chan, nbytes)
                 return None
         # Anything else is paramiko's: hand it over decrypted, read the channel again.
         pad = plain[0]
@@ -377,7 +408,7 @@ class SessionIO:
             try:
                 x = self.sock.recv(n)
             except TimeoutError:
-                if self.pk is None or self.pk.closed or not self.transport.active:
+                if self.pk is None or self.pk.closed or not self.transport.is_active():
                     raise EOFError() from None
                 continue
             if not x:
@@ -387,17 +418,17 @@ class SessionIO:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _consumed(self, n: int) -> None:
-        ack = self.chan._check_add_window(n)
+        ack = paramiko_compat.check_add_window(self.chan, n)
         if ack <= 0:
             return
-        if self.lean:
-            self._send_plain(_ADJUST.pack(MSG_CHANNEL_WINDOW_ADJUST, self.chan.remote_chanid, ack))
-        else:  # paramiko's way (it waits out a key exchange), as Channel.recv does
-            m = paramiko.Message()
-            m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
-            m.add_int(self.chan.remote_chanid)
-            m.add_int(ack)
-            self.transport._send_user_message(m)
+        if self.lean and self._send_plain(_ADJUST.pack(MSG_CHANNEL_WINDOW_ADJUST, self.chan.remote_chanid, ack)):
+            return
+        # paramiko's way (it waits out a key exchange), as Channel.recv does
+        m = paramiko.Message()
+        m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
+        m.add_int(self.chan.remote_chanid)
+        m.add_int(ack)
+        paramiko_compat.send_user_message(self.transport, m)
 
     def _give_back(self, pushback: tuple[int, paramiko.Message] | None = None, rekey: bool = False) -> None:
         assert self.pk is not None
@@ -427,7 +458,10 @@ class SessionIO:
             if n <= 0:
                 self._wait_window()  # returns with window, or off the fast path
                 continue
-            self._send_data(chan.remote_chanid, view[:n])
+            if not self._send_data(chan.remote_chanid, view[:n]):
+                with chan.lock:  # not sent: a key exchange has begun; paramiko sends it when done
+                    chan.out_window_size += n
+                continue
             view = view[n:]
 
     def _wait_window(self) -> None:
@@ -453,18 +487,31 @@ class SessionIO:
                 f"the client sent {self._pending_bytes} bytes, more than the window of {self.chan.in_window_size}"))
             raise EOFError("inner transport closed: the client exceeded its window")
 
-    def _send_data(self, remote: int, data: memoryview) -> None:
+    def _send_data(self, remote: int, data: memoryview) -> bool:
         size = len(data)
         pad = 3 + _GCM_BLOCK - ((size + 9 + 4) % _GCM_BLOCK)
         plain = b"".join((_DATA_HEAD.pack(pad, MSG_CHANNEL_DATA, remote, size), data, os.urandom(pad)))
-        self._send_raw(plain)
+        return self._send_raw(plain)
 
-    def _send_plain(self, payload: bytes) -> None:
+    def _send_plain(self, payload: bytes) -> bool:
         pad = 3 + _GCM_BLOCK - ((len(payload) + 4) % _GCM_BLOCK)
-        self._send_raw(bytes((pad,)) + payload + os.urandom(pad))
+        return self._send_raw(bytes((pad,)) + payload + os.urandom(pad))
 
-    def _send_raw(self, plain: bytes) -> None:
+    def _send_raw(self, plain: bytes) -> bool:
+        """Send one packet on the fast path; False (and paramiko reads again) if paramiko would not send now.
+
+        Once a key exchange has begun (our KEXINIT sent, RFC 4253 7.1) only
+        key exchange messages may follow until NEWKEYS; the exchange needs
+        paramiko's thread reading, so the data path goes back to it and the
+        caller sends the packet paramiko's way, which waits for the exchange.
+        """
         assert self.pk is not None
-        if self.pk.lean_send(plain):
+        rekey = self.pk.lean_send(plain)
+        if rekey is None:
+            self.kex_waits += 1
+            self._give_back()
+            return False
+        if rekey:
             self._rekey_due = True
         self.packets_out += 1
+        return True

@@ -12,8 +12,9 @@ import time
 from typing import Any
 
 import paramiko
+from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA
 
-from . import fastpath, log, tuning
+from . import fastpath, log, paramiko_compat, tuning
 from .auth import Login, SessionKeyAuth
 from .backend import JailedSFTPServer
 from .defaults import current_local_user, default_host_key
@@ -62,27 +63,73 @@ class TunedSFTPEngine(SFTPEngine):
                       loglevel=log.loglevel_DEBUG)
 
 
-class InnerTransport(paramiko.Transport):
-    """Server ``Transport`` with the fixes our clients need on every paramiko release."""
+class InnerTransport(paramiko_compat.ExtInfoMarkerLast, paramiko.Transport):
+    """Server ``Transport`` with the fixes our clients need and the bounds a hostile peer meets.
+
+    On every paramiko release 2.12 .. 5.x, each through :mod:`paramiko_compat`
+    (probed once per transport; off, with one INFO line, where it says no):
+
+    * its packetizer is bounded (:class:`paramiko_compat.BoundedPacketizer`:
+      OpenSSH's packet and identification limits; the fast path's
+      ``LeanPacketizer`` builds on it);
+    * channel data that could be stored without bound is never stored: every
+      ``CHANNEL_EXTENDED_DATA`` is dropped unread, ``CHANNEL_DATA`` only
+      reaches a running SFTP session (whose pipe the window bounds), and a
+      ``CHANNEL_DATA`` string longer than its packet ends the connection;
+    * the client's ``ext-info-c`` marker counts wherever it sits in its list.
+    """
 
     def __init__(self, sock: Any, *args: Any, **kwargs: Any):
         super().__init__(sock, *args, **kwargs)
-        fastpath.install(self)
+        self.compat = paramiko_compat.probe(self)
+        self.discarded_messages = 0  # channel messages dropped unread (tests and logs)
+        self._told_discard = False
+        if not fastpath.install(self):
+            paramiko_compat.bound_packetizer(self)
+        self._paramiko_feed = paramiko_compat.paramiko_channel_handler(MSG_CHANNEL_DATA)
+        paramiko_compat.override_channel_handlers(self, {
+            MSG_CHANNEL_DATA: self._on_channel_data,
+            MSG_CHANNEL_EXTENDED_DATA: self._on_extended_data,
+        })
 
-    def _really_parse_kex_init(self, m: paramiko.Message, ignore_first_byte: bool = False) -> dict[str, Any]:
-        parsed: dict[str, Any] = super()._really_parse_kex_init(m, ignore_first_byte)
-        # paramiko < 3.3 only recognises "ext-info-c" as the *last* kex name;
-        # OpenSSH >= 9.2 sends "kex-strict-c-v00@openssh.com" after it (Debian 12).
-        # Without ext-info we never send server-sig-algs and OpenSSH >= 8.8
-        # refuses to sign with RSA: "no mutual signature supported".  Moving the
-        # marker to the end is harmless on releases that scan the whole list.
-        kex = list(parsed["kex_algo_list"])
-        info = [k for k in kex if k.startswith("ext-info-")]
-        if info and kex[-1] != info[0]:
-            kex.remove(info[0])
-            kex.append(info[0])
-            parsed["kex_algo_list"] = kex
-        return parsed
+    def _on_extended_data(self, chan: paramiko.Channel, m: paramiko.Message) -> None:
+        """``CHANNEL_EXTENDED_DATA`` (a client's "stderr"): nothing here reads it, so it is dropped unread.
+
+        paramiko would keep all of it (the window is never checked), and first
+        pad a string shorter than it declares with up to 1 MiB of zeros.
+        """
+        self._discarded(chan, "EXTENDED_DATA")
+
+    def _on_channel_data(self, chan: paramiko.Channel, m: paramiko.Message) -> None:
+        """``CHANNEL_DATA``: into a running SFTP session's :class:`tuning.ChunkPipe`, or dropped unread.
+
+        Raises:
+            paramiko.SSHException: the string declares more bytes than the
+                packet holds (paramiko would pad it with zeros); paramiko then
+                closes the transport.
+        """
+        if not self.compat.may(paramiko_compat.CHUNK_PIPE) and self._paramiko_feed is not None:
+            self._paramiko_feed(chan, m)  # no ChunkPipe on this paramiko: nothing to tell sessions apart
+            return
+        pipe = paramiko_compat.channel_in_buffer(chan)
+        if not isinstance(pipe, tuning.ChunkPipe):
+            self._discarded(chan, "DATA on a channel without a running sftp session")
+            return
+        size = m.get_int()
+        data = m.get_remainder()
+        if size > len(data):
+            raise paramiko.SSHException(f"CHANNEL_DATA declares {size} bytes and carries {len(data)}")
+        pipe.feed(data if size == len(data) else data[:size])
+
+    def _discarded(self, chan: paramiko.Channel, what: str) -> None:
+        self.discarded_messages += 1
+        if not self._told_discard:  # once per connection: a client must not flood the log
+            self._told_discard = True
+            _discard_log(f"dropping {what} from the client on {chan} (and any more on this connection)",
+                         loglevel=log.loglevel_INFO)
+
+
+_discard_log = log.tagged(None, "inner", loglevel=log.loglevel_DEFAULT | log.loglevel_INFO)
 
 
 def _wait_negotiated(transport: paramiko.Transport, negotiated: threading.Event, deadline: float) -> bool:

@@ -13,11 +13,667 @@ the answer is no, the plain paramiko path is used, and one INFO line says why.
 
 from __future__ import annotations
 
+import errno
+import itertools
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paramiko
+from paramiko.buffered_pipe import BufferedPipe
+from paramiko.packet import NeedRekeyException, Packetizer
+from paramiko.sftp import BaseSFTP
 
-# (work in progress: the sections below are filled in by the issue-11 work)
+from . import log
+
+# -- which tricks, checked on which releases -------------------------------------------
+#
+# Each trick below reaches into paramiko.  A trick runs on a transport only if
+# (1) the running release lies in its checked range: from the oldest release it
+# was checked on up to (not including) the next major after the newest, and
+# (2) every name it needs is present on that transport (probed once, cached on
+# the transport).  Otherwise the trick is off for that transport, paramiko's
+# own behaviour stays, and one INFO line per transport names what is off and why.
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``"5.1.0"`` -> ``(5, 1)``; anything unparsable -> ``(0, 0)`` (an unknown release)."""
+    parts = []
+    for piece in str(version).split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            return (0, 0)
+        parts.append(int(digits))
+    return (parts[0], parts[1]) if len(parts) == 2 else (0, 0)
+
+
+PARAMIKO_RELEASE: tuple[int, int] = _release(getattr(paramiko, "__version__", ""))
+"""The running paramiko as (major, minor); tests set it to pretend another release."""
+
+_PK = "_Packetizer__"  # paramiko's private packetizer fields, by their mangled names
+
+
+@dataclass(frozen=True)
+class Trick:
+    """One use of paramiko's internals: the names it needs and the releases it was checked on.
+
+    Attributes:
+        name: how log lines call it.
+        checked_on: the releases (major, minor) the trick was read against and
+            tested on.
+        applies_from: releases before this lack the feature the trick serves
+            (e.g. AES-GCM): there it is off without a log line.
+        transport: attributes of the ``Transport`` instance.
+        packetizer: fields of its ``Packetizer`` (unmangled) and methods.
+        channel: attributes of a ``Channel`` instance.
+        pipe: attributes of a ``BufferedPipe`` instance.
+    """
+
+    name: str
+    checked_on: tuple[tuple[int, int], ...]
+    applies_from: tuple[int, int] = (0, 0)
+    transport: tuple[str, ...] = ()
+    packetizer: tuple[str, ...] = ()
+    channel: tuple[str, ...] = ()
+    pipe: tuple[str, ...] = ()
+
+    def known(self, release: tuple[int, int]) -> bool:
+        """True if ``release`` lies in this trick's checked range."""
+        newest = max(self.checked_on)
+        return min(self.checked_on) <= release < (newest[0] + 1, 0)
+
+
+BOUNDED_PACKETIZER = Trick(
+    "bounded packetizer",
+    checked_on=((2, 12), (3, 5), (5, 1)),
+    packetizer=("socket", "remainder", "closed", "need_rekey", "block_size_in", "mac_size_in", "etm_in",
+                "handshake_timed_out", "_check_keepalive", "read_all", "readline", "read_message"),
+)
+CHANNEL_GUARD = Trick(
+    "channel data guard",
+    checked_on=((2, 12), (3, 5), (5, 1)),
+    transport=("_channel_handler_table",),
+    channel=("in_buffer",),
+)
+CHUNK_PIPE = Trick(
+    "chunk pipe",
+    checked_on=((2, 12), (3, 5), (5, 1)),
+    channel=("in_buffer", "lock", "in_window_size", "in_window_threshold", "out_max_packet_size"),
+    pipe=("_closed", "_event"),
+)
+FAST_PATH = Trick(
+    "fast path",
+    checked_on=((3, 5), (5, 1)),
+    applies_from=(3, 3),  # paramiko's first AES-GCM
+    transport=("packetizer", "in_kex", "_expected_packet", "_channels", "_send_user_message",
+               "clear_to_send", "clear_to_send_lock", "local_cipher", "remote_cipher", "active"),
+    packetizer=("block_engine_in", "block_engine_out", "iv_in", "iv_out", "aead_in", "aead_out",
+                "sequence_number_in", "sequence_number_out", "write_lock", "received_bytes",
+                "received_packets", "sent_bytes", "sent_packets", "need_rekey", "remainder",
+                "compress_engine_in", "compress_engine_out", "dump_packets", "closed", "socket",
+                "_trigger_rekey", "write_all", "REKEY_BYTES", "REKEY_PACKETS"),
+    channel=("_check_add_window", "out_buffer_cv", "in_buffer", "in_window_size", "out_window_size"),
+)
+KEX_EXT_INFO = Trick(
+    "ext-info marker order",
+    checked_on=((2, 12), (3, 5), (5, 1)),
+    transport=("_really_parse_kex_init",),
+)
+
+TRICKS: tuple[Trick, ...] = (BOUNDED_PACKETIZER, CHANNEL_GUARD, CHUNK_PIPE, FAST_PATH, KEX_EXT_INFO)
+"""Every trick, with the releases it was checked on (``checked_on``)."""
+
+CHECKED_RELEASES: tuple[tuple[int, int], ...] = tuple(sorted({r for t in TRICKS for r in t.checked_on}))
+
+_PROBE_ATTR = "x2go_sftp_paramiko_probe"  # ours: where a transport's probe is cached
+_LOG_TAG = "paramiko-compat"
+
+
+class Probe:
+    """What a probe found on one transport: which tricks may run there."""
+
+    def __init__(self, release: tuple[int, int]) -> None:
+        self.release = release
+        self.allowed: dict[str, bool] = {}
+        self.why_not: dict[str, str] = {}
+
+    def may(self, trick: Trick) -> bool:
+        """True if ``trick`` may run on this transport."""
+        return self.allowed.get(trick.name, False)
+
+    def __repr__(self) -> str:
+        on = [n for n, ok in self.allowed.items() if ok]
+        return f"<Probe paramiko {self.release[0]}.{self.release[1]}: on {on}, off {self.why_not}>"
+
+
+def _has(obj: Any, name: str) -> bool:
+    try:
+        return hasattr(obj, name)
+    except Exception:
+        return False
+
+
+def _sample_channel() -> Any:
+    try:
+        return paramiko.Channel(0)
+    except Exception:
+        return None
+
+
+def _sample_pipe() -> Any:
+    try:
+        return BufferedPipe()
+    except Exception:
+        return None
+
+
+def _missing(trick: Trick, transport: Any) -> list[str]:
+    """The names ``trick`` needs that this transport (its packetizer, paramiko's Channel/BufferedPipe) lacks."""
+    missing = [f"Transport.{n}" for n in trick.transport if not _has(transport, n)]
+    pk = getattr(transport, "packetizer", None)
+    for n in trick.packetizer:
+        if not (_has(pk, _PK + n) or _has(pk, n)):
+            missing.append(f"Packetizer.{n}")
+    if trick.channel:
+        chan = _sample_channel()
+        missing += [f"Channel.{n}" for n in trick.channel if not _has(chan, n)]
+    if trick.pipe:
+        pipe = _sample_pipe()
+        missing += [f"BufferedPipe.{n}" for n in trick.pipe if not _has(pipe, n)]
+    return missing
+
+
+def probe(transport: Any, logger: log.LoggerLike | None = None) -> Probe:
+    """Which tricks may run on ``transport``: probed once, then cached on the transport.
+
+    On the first call for a transport, one INFO line names each trick that is
+    off and why (a release outside its checked range, or the missing names).
+
+    Args:
+        transport: a paramiko ``Transport`` (after its constructor ran).
+        logger: an X2Go-style logger for that line (default: stdlib logging
+            under ``x2go_sftp.paramiko-compat``).
+    """
+    cached = getattr(transport, _PROBE_ATTR, None)
+    if isinstance(cached, Probe):
+        return cached
+    result = Probe(PARAMIKO_RELEASE)
+    for trick in TRICKS:
+        if result.release < trick.applies_from and trick.applies_from > (0, 0) and result.release != (0, 0):
+            result.allowed[trick.name] = False  # this release lacks what the trick serves: quietly off
+            continue
+        if not trick.known(result.release):
+            checked = ", ".join(f"{a}.{b}" for a, b in trick.checked_on)
+            result.why_not[trick.name] = f"not checked on this release (checked on {checked})"
+        else:
+            missing = _missing(trick, transport)
+            if missing:
+                result.why_not[trick.name] = "missing " + ", ".join(missing)
+        result.allowed[trick.name] = trick.name not in result.why_not
+    try:
+        setattr(transport, _PROBE_ATTR, result)
+    except Exception:
+        pass
+    if result.why_not:
+        version = getattr(paramiko, "__version__", "?")
+        reasons = "; ".join(f"{name}: {why}" for name, why in result.why_not.items())
+        _info(logger)(f"paramiko {version}: off for this connection ({transport!r}): {reasons}",
+                      loglevel=log.loglevel_INFO)
+    return result
+
+
+def may(transport: Any, trick: Trick) -> bool:
+    """Shorthand: ``probe(transport).may(trick)``."""
+    return probe(transport).may(trick)
+
+
+def _info(logger: log.LoggerLike | None) -> log.TaggedLogger:
+    # INFO is below python-x2go's default mask: without a caller's logger, let
+    # stdlib logging (x2go_sftp.paramiko-compat) decide whether it shows.
+    return log.tagged(logger, _LOG_TAG, loglevel=log.loglevel_DEFAULT | log.loglevel_INFO)
+
+
+# -- the bounded packetizer (every inner transport) ---------------------------------------
+
+PACKET_MAX_SIZE = 256 * 1024
+"""Largest SSH packet (its declared length) we read: OpenSSH's ``PACKET_MAX_SIZE`` (packet.c).
+
+paramiko has no bound: it reads whatever length a peer declares, up to
+0x7FFFFFFC bytes, before it looks at a byte of it."""
+
+IDENT_MAX_LEN = 8192
+"""Longest identification line we read: OpenSSH's ``SSH_MAX_BANNER_LEN`` (ssh.h, used in kex.c).
+
+RFC 4253 4.2 allows 255 characters; paramiko reads a line of any length."""
+
+IDENT_MAX_LINES_BEFORE = 0
+"""Lines a client may send before its identification: none, as OpenSSH's server
+(kex.c: "Do not accept lines before the SSH ident from a client"; its client
+accepts ``SSH_MAX_PRE_BANNER_LINES`` = 1024 from a server).  paramiko accepts 100."""
+
+IDENT_RECV_SIZE = 1024
+"""Bytes asked for per read of the identification (paramiko: 128); the rest waits in paramiko's remainder."""
+
+
+class PacketTooLarge(paramiko.SSHException):
+    """The peer declared a packet longer than :data:`PACKET_MAX_SIZE`."""
+
+
+class BadIdentification(paramiko.SSHException):
+    """The peer's identification broke :data:`IDENT_MAX_LEN` or :data:`IDENT_MAX_LINES_BEFORE`."""
+
+
+class BoundedPacketizer(Packetizer):
+    """paramiko's ``Packetizer`` that reads at most what OpenSSH would, and in linear time.
+
+    Made by changing the class of the packetizer paramiko built (see
+    :func:`bound_packetizer`); its fields stay paramiko's.  Differences:
+
+    * a packet whose declared length exceeds :data:`PACKET_MAX_SIZE` raises
+      :class:`PacketTooLarge` before its body is read (paramiko then closes
+      the transport);
+    * ``read_all`` joins what it reads once, instead of ``+=`` per piece
+      (quadratic in the packet's size when a peer sends it in small pieces);
+    * the identification line is bounded in length and in lines before it, and
+      must arrive within the timeout paramiko gives for it, counted once per
+      line (paramiko restarts the timeout with every piece, so a peer sending
+      one byte at a time is never dropped).
+    """
+
+    _ident_lines_seen = 0
+
+    def read_all(self, n: int, check_rekey: bool = False) -> bytes:
+        d = self.__dict__
+        if not check_rekey:
+            # paramiko asks here for a packet's body (check_rekey=False) right
+            # after reading its first block: n is then the declared length plus
+            # the MAC or tag, minus what that first block held.
+            declared = n + d[_PK + "block_size_in"] - 4 - (0 if d[_PK + "etm_in"] else d[_PK + "mac_size_in"])
+            if declared > PACKET_MAX_SIZE:
+                raise PacketTooLarge(f"the peer declared a packet of {declared} bytes "
+                                     f"(more than {PACKET_MAX_SIZE})")
+        parts: list[bytes] = []
+        remainder = d[_PK + "remainder"]
+        if remainder:  # what reading the identification line read beyond it
+            head = remainder[:n]
+            d[_PK + "remainder"] = remainder[n:]
+            parts.append(head)
+            n -= len(head)
+        sock = d[_PK + "socket"]
+        while n > 0:
+            got_timeout = False
+            if self.handshake_timed_out():
+                raise EOFError()
+            try:
+                x = sock.recv(n)
+                if not x:
+                    raise EOFError()
+                parts.append(x)
+                n -= len(x)
+            except TimeoutError:
+                got_timeout = True
+            except OSError as e:
+                if e.errno == errno.EAGAIN:  # as paramiko: some kernels say EAGAIN for a timeout
+                    got_timeout = True
+                elif d[_PK + "closed"]:
+                    raise EOFError() from e
+                else:
+                    raise
+            if got_timeout:
+                if d[_PK + "closed"]:
+                    raise EOFError()
+                if check_rekey and not parts and d[_PK + "need_rekey"]:
+                    raise NeedRekeyException()
+                self._check_keepalive()  # type: ignore[attr-defined]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def readline(self, timeout: float) -> str:
+        d = self.__dict__
+        if self._ident_lines_seen > IDENT_MAX_LINES_BEFORE:
+            raise BadIdentification(f"more than {IDENT_MAX_LINES_BEFORE} lines before the identification")
+        self._ident_lines_seen += 1
+        buf = bytearray(d[_PK + "remainder"])
+        deadline = time.monotonic() + timeout
+        scanned = 0
+        while (end := buf.find(b"\n", scanned)) < 0:
+            if len(buf) > IDENT_MAX_LEN + 1:  # + 1: the CR before the LF
+                raise BadIdentification(f"identification line longer than {IDENT_MAX_LEN} bytes")
+            scanned = len(buf)
+            buf += self._ident_piece(deadline)
+        if end > IDENT_MAX_LEN + 1:
+            raise BadIdentification(f"identification line longer than {IDENT_MAX_LEN} bytes")
+        d[_PK + "remainder"] = bytes(buf[end + 1:])
+        line = bytes(buf[:end])
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if line.startswith(b"SSH-"):
+            self._ident_lines_seen = 0
+        return line.decode("utf-8")
+
+    def _ident_piece(self, deadline: float) -> bytes:
+        """Some bytes of the identification, or ``socket.timeout`` once ``deadline`` passes."""
+        d = self.__dict__
+        sock = d[_PK + "socket"]
+        while True:
+            try:
+                x = sock.recv(IDENT_RECV_SIZE)
+                if not x:
+                    raise EOFError()
+                return bytes(x)
+            except TimeoutError:
+                pass
+            if d[_PK + "closed"]:
+                raise EOFError()
+            if time.monotonic() >= deadline:
+                raise TimeoutError()
+
+
+def bound_packetizer(transport: Any, cls: type[BoundedPacketizer] = BoundedPacketizer) -> bool:
+    """Make ``transport``'s packetizer a ``cls`` (a :class:`BoundedPacketizer`), before the transport starts.
+
+    Returns:
+        True if done; False where the probe said no or the packetizer is not
+        paramiko's own (someone else's subclass is left alone).
+    """
+    pk = getattr(transport, "packetizer", None)
+    if type(pk) is not Packetizer or not may(transport, BOUNDED_PACKETIZER):
+        return False
+    pk.__class__ = cls
+    return True
+
+
+# -- channel messages on inner transports ------------------------------------------------
+
+
+def override_channel_handlers(transport: Any, handlers: dict[int, Callable[[Any, Any], None]]) -> bool:
+    """Handle these channel message types on ``transport`` only (an instance copy of paramiko's table).
+
+    paramiko dispatches channel messages as ``self._channel_handler_table[ptype](chan, m)``
+    (2.12 .. 5.x), so a copy on the instance changes this transport alone.
+
+    Returns:
+        True if installed; False where the probe said no.
+    """
+    if not may(transport, CHANNEL_GUARD):
+        return False
+    table = dict(transport._channel_handler_table)
+    if not all(ptype in table for ptype in handlers):
+        return False
+    table.update(handlers)
+    transport._channel_handler_table = table
+    return True
+
+
+def paramiko_channel_handler(ptype: int) -> Callable[[Any, Any], None] | None:
+    """paramiko's own handler for channel message ``ptype`` (from the class's table)."""
+    table = getattr(paramiko.Transport, "_channel_handler_table", None)
+    return table.get(ptype) if isinstance(table, dict) else None
+
+
+def channel_in_buffer(chan: Any) -> Any:
+    """The pipe a channel's incoming data goes to (``Channel.in_buffer``)."""
+    return getattr(chan, "in_buffer", None)
+
+
+def swap_in_buffer(chan: Any, new: Any) -> bool:
+    """Give ``chan`` the pipe ``new`` for its incoming data, keeping buffered data, EOF and the select event.
+
+    Only from the thread of the channel's transport (the one thread that feeds
+    the pipe).  Leaves a pipe that is not paramiko's own ``BufferedPipe`` alone.
+
+    Returns:
+        True if swapped.
+    """
+    transport = chan.get_transport()
+    old: Any = getattr(chan, "in_buffer", None)
+    if transport is None or type(old) is not BufferedPipe or not may(transport, CHUNK_PIPE):
+        return False
+    state: Any = old  # its private fields: the EOF flag and the select() event
+    pending = state.empty()
+    if pending:
+        new.feed(pending)
+    if state._closed:
+        new.close()
+    if state._event is not None:
+        new.set_event(state._event)
+    chan.in_buffer = new
+    return True
+
+
+# -- ciphers ---------------------------------------------------------------------------
+
+
+def supported_ciphers() -> tuple[str, ...]:
+    """The ciphers this paramiko implements (``Transport._cipher_info``)."""
+    return tuple(getattr(paramiko.Transport, "_cipher_info", {}) or ())
+
+
+def negotiated_ciphers(transport: Any) -> tuple[str, str]:
+    """The ciphers agreed for (sending, receiving) on ``transport``, "" where none yet."""
+    return (str(getattr(transport, "local_cipher", "") or ""), str(getattr(transport, "remote_cipher", "") or ""))
+
+
+# -- the fast path's access to paramiko's AES-GCM state -------------------------------------
+
+
+def packetizer_of(transport: Any) -> Any:
+    """``transport.packetizer`` (None if missing)."""
+    return getattr(transport, "packetizer", None)
+
+
+def packetizer_socket(pk: Any) -> Any:
+    """What ``pk`` reads from and writes to."""
+    return pk.__dict__.get(_PK + "socket")
+
+
+def gcm_ready(transport: Any, pk: Any) -> bool:
+    """Is ``transport`` between key exchanges, on AES-GCM both ways, with nothing else in paramiko's way?
+
+    True only when: active, no key exchange running or due, clear to send
+    (RFC 4253 7.1), no packet type expected, both directions AEAD with
+    their engines set, no compression, nothing left from the identification
+    line, no packet dumps, and exactly one channel open.
+    """
+    d = pk.__dict__
+    return bool(
+        transport.active and not transport.in_kex and transport.clear_to_send.is_set()
+        and not transport._expected_packet and not d[_PK + "need_rekey"]
+        and d[_PK + "aead_in"] and d[_PK + "aead_out"]
+        and d[_PK + "block_engine_in"] is not None and d[_PK + "block_engine_out"] is not None
+        and d[_PK + "compress_engine_in"] is None and d[_PK + "compress_engine_out"] is None
+        and not d[_PK + "remainder"] and not d[_PK + "dump_packets"]
+        and len(transport._channels.values()) == 1
+    )
+
+
+def _next_iv(iv: bytes) -> bytes:
+    """The next AES-GCM nonce: the 64-bit invocation counter after the fixed field (RFC 5647 7.1)."""
+    return iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+
+
+def gcm_send(transport: Any, pk: Any, plain: bytes) -> bool | None:
+    """Encrypt and send one AES-GCM packet whose plaintext (padding length, payload, padding) is ``plain``.
+
+    Sends only while paramiko would send a channel message itself: the
+    transport active and clear to send (no key exchange started, RFC 4253
+    7.1), under paramiko's own locks in paramiko's order (``clear_to_send_lock``
+    then the packetizer's write lock), so key exchange cannot begin mid-packet.
+
+    Returns:
+        None if nothing was sent because sending is not allowed now; else
+        whether paramiko's rekey limits for sending are reached.
+    """
+    d = pk.__dict__
+    head = struct.pack(">I", len(plain))
+    with transport.clear_to_send_lock:
+        if not transport.clear_to_send.is_set() or not transport.active or d[_PK + "closed"]:
+            return None
+        with d[_PK + "write_lock"]:
+            iv = d[_PK + "iv_out"]
+            out = head + d[_PK + "block_engine_out"].encrypt(iv, plain, head)
+            d[_PK + "iv_out"] = _next_iv(iv)
+            d[_PK + "sequence_number_out"] = (d[_PK + "sequence_number_out"] + 1) & 0xFFFFFFFF
+            pk.write_all(out)
+            sent = d[_PK + "sent_bytes"] = d[_PK + "sent_bytes"] + len(out)
+            packets = d[_PK + "sent_packets"] = d[_PK + "sent_packets"] + 1
+    return bool(sent >= pk.REKEY_BYTES or packets >= pk.REKEY_PACKETS)
+
+
+def gcm_open(pk: Any, head: bytes, body: bytes) -> tuple[bytes, int, bool]:
+    """Decrypt one AES-GCM packet (``body`` includes the tag) with paramiko's inbound state.
+
+    Returns:
+        the plaintext, its sequence number, and whether paramiko's rekey
+        limits for receiving are reached.
+
+    Raises:
+        cryptography's ``InvalidTag`` for a packet that does not authenticate.
+    """
+    d = pk.__dict__
+    iv = d[_PK + "iv_in"]
+    plain = d[_PK + "block_engine_in"].decrypt(iv, body, head)
+    d[_PK + "iv_in"] = _next_iv(iv)
+    seq = d[_PK + "sequence_number_in"]
+    d[_PK + "sequence_number_in"] = (seq + 1) & 0xFFFFFFFF
+    got = d[_PK + "received_bytes"] = d[_PK + "received_bytes"] + len(body) + 4
+    packets = d[_PK + "received_packets"] = d[_PK + "received_packets"] + 1
+    return plain, seq, bool(got >= pk.REKEY_BYTES or packets >= pk.REKEY_PACKETS)
+
+
+def trigger_rekey(pk: Any) -> None:
+    """Ask paramiko to rekey (what its packetizer does when its own limits are reached)."""
+    pk._trigger_rekey()
+
+
+def check_add_window(chan: Any, n: int) -> int:
+    """Count ``n`` bytes consumed on ``chan``; the window adjust to send now (0: none), as ``Channel.recv`` does."""
+    return int(chan._check_add_window(n))
+
+
+def window_opened(chan: Any, nbytes: int) -> None:
+    """The peer opened ``chan``'s send window by ``nbytes``: wake whoever waits to send."""
+    with chan.lock:
+        chan.out_window_size += nbytes
+        chan.out_buffer_cv.notify_all()
+
+
+def send_user_message(transport: Any, m: paramiko.Message) -> None:
+    """Send ``m`` as paramiko sends channel messages: waiting out a key exchange."""
+    transport._send_user_message(m)
+
+
+# -- paramiko's SFTP server internals the engine uses (checked on 2.12, 3.5, 5.1) ----------
+#
+# Each falls back to plain behaviour where the name is missing.
+
+
+def attr_flags(attr: Any) -> int:
+    """The ATTRS flags of an ``SFTPAttributes`` (paramiko keeps them in ``_flags``)."""
+    flags = getattr(attr, "_flags", None)
+    if isinstance(flags, int):
+        return flags
+    # Missing: what paramiko's _pack would send for the fields that are set.
+    cls = paramiko.SFTPAttributes
+    out = 0
+    if getattr(attr, "st_size", None) is not None:
+        out |= cls.FLAG_SIZE
+    if getattr(attr, "st_uid", None) is not None and getattr(attr, "st_gid", None) is not None:
+        out |= cls.FLAG_UIDGID
+    if getattr(attr, "st_mode", None) is not None:
+        out |= cls.FLAG_PERMISSIONS
+    if getattr(attr, "st_atime", None) is not None and getattr(attr, "st_mtime", None) is not None:
+        out |= cls.FLAG_AMTIME
+    if getattr(attr, "attr", None):
+        out |= cls.FLAG_EXTENDED
+    return out
+
+
+def set_attr_flags(attr: Any, flags: int) -> None:
+    """Record the ATTRS flags a client sent on an ``SFTPAttributes``."""
+    attr._flags = flags
+
+
+def set_handle_name(handle: Any, name: bytes) -> None:
+    """Name an ``SFTPHandle`` as paramiko's server does (``_set_name``); harmless where missing."""
+    setter = getattr(handle, "_set_name", None)
+    if setter is not None:
+        setter(name)
+
+
+def set_folder_listing(handle: Any, listing: list[Any]) -> None:
+    """Give a folder handle the whole listing of a plain ``SFTPServerInterface.list_folder``."""
+    setter = getattr(handle, "_set_files", None)
+    if setter is not None:
+        setter(listing)
+    else:
+        handle.x2go_sftp_listing = list(listing)
+
+
+def next_folder_batch(handle: Any) -> Any:
+    """The next names of a folder handle set up by :func:`set_folder_listing` (empty list at the end)."""
+    getter = getattr(handle, "_get_next_files", None)
+    if getter is not None:
+        return getter()
+    listing = getattr(handle, "x2go_sftp_listing", [])
+    batch, handle.x2go_sftp_listing = listing[:16], listing[16:]
+    return batch
+
+
+def sftp_write_all(server: Any, out: bytes) -> None:
+    """Write ``out`` to an SFTP server's channel as paramiko's ``BaseSFTP._write_all`` does."""
+    write_all = getattr(BaseSFTP, "_write_all", None)
+    if write_all is not None:
+        write_all(server, out)
+    else:
+        server.sock.sendall(out)
+
+
+# -- python-x2go's forwarded channels (rforward) ------------------------------------------
+
+
+def queue_incoming_channel(transport: Any, chan: Any) -> bool:
+    """Put ``chan`` on ``transport``'s accept queue, as paramiko does for channels it accepts.
+
+    Returns:
+        False (and the channel closed) where this paramiko has no such queue.
+    """
+    queue = getattr(transport, "_queue_incoming_channel", None)
+    if queue is None:
+        chan.close()
+        return False
+    queue(chan)
+    return True
+
+
+# -- the ext-info marker (InnerTransport) ---------------------------------------------------
+
+
+class ExtInfoMarkerLast:
+    """Mixin for a server ``Transport``: treat the client's ``ext-info-c`` as paramiko >= 3.3 does.
+
+    paramiko < 3.3 only recognises "ext-info-c" as the *last* kex name;
+    OpenSSH >= 9.2 sends "kex-strict-c-v00@openssh.com" after it (Debian 12).
+    Without ext-info we never send server-sig-algs and OpenSSH >= 8.8 refuses
+    to sign with RSA: "no mutual signature supported".  Moving the marker to
+    the end is harmless on releases that scan the whole list.  Overrides
+    ``Transport._really_parse_kex_init`` (2.12 .. 5.x); off where the probe says no.
+    """
+
+    def _really_parse_kex_init(self, m: Any, ignore_first_byte: bool = False) -> dict[str, Any]:
+        parsed: dict[str, Any] = super()._really_parse_kex_init(m, ignore_first_byte)  # type: ignore[misc]
+        if not may(self, KEX_EXT_INFO):
+            return parsed
+        kex = list(parsed.get("kex_algo_list", ()))
+        info = [k for k in kex if k.startswith("ext-info-")]
+        if info and kex[-1] != info[0]:
+            kex.remove(info[0])
+            kex.append(info[0])
+            parsed["kex_algo_list"] = kex
+        return parsed
+
+
 
 
 def open_channel_count(transport: Any) -> int:
@@ -78,9 +734,8 @@ def cancel_handshake_timer(transport: Any) -> None:
 import os  # noqa: E402  (this section's own imports, kept beside it)
 import sys  # noqa: E402
 import threading  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 
-from . import log  # noqa: E402
+# (Callable and log: imported at the top)
 
 ASBYTES_FIX_ENV = "X2GO_SFTP_ASBYTES_FIX"
 """Environment variable: ``0``, ``no``, ``off`` or ``false`` keeps paramiko's own ``asbytes``."""

@@ -23,7 +23,7 @@ from typing import Any
 
 import paramiko
 
-from . import log
+from . import log, paramiko_compat
 
 # Bind address of the forward on the X2Go server: loopback only, as python-x2go.
 FORWARD_ADDRESS = "127.0.0.1"
@@ -96,7 +96,7 @@ def x2go_transport_tcp_handler(
     if isinstance(tunnel, X2GoRevFwTunnel):
         tunnel.notify(chan)
     else:
-        transport._queue_incoming_channel(chan)
+        paramiko_compat.queue_incoming_channel(transport, chan)
         tunnel.notify()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 
-from . import fastpath, log
+from . import fastpath, log, paramiko_compat
 
 # Ciphers the inner server offers, best first.  OpenSSH's client picks by *its*
 # order (chacha20-poly1305, aes*-ctr, then aes*-gcm), so to get GCM we must offer
@@ -125,7 +125,7 @@ def prefer_fast_ciphers(transport: paramiko.Transport) -> tuple[str, ...]:
         the cipher list now offered (paramiko's default when it lacks them all).
     """
     options = transport.get_security_options()
-    supported = getattr(transport, "_cipher_info", {})
+    supported = paramiko_compat.supported_ciphers()
     wanted = tuple(c for c in PREFERRED_CIPHERS if c in supported)
     if wanted:
         options.ciphers = wanted
@@ -174,7 +174,7 @@ def rekey_outer_to_gcm(transport: paramiko.Transport, logger: log.LoggerLike | N
         True if a rekey was done and the transport now uses GCM.
     """
     xlog = log.tagged(logger, "tuning")
-    supported = getattr(transport, "_cipher_info", {})
+    supported = paramiko_compat.supported_ciphers()
     gcm = tuple(c for c in PREFERRED_CIPHERS if c in supported)
     if not gcm or not transport.is_active():
         return False
@@ -185,7 +185,7 @@ def rekey_outer_to_gcm(transport: paramiko.Transport, logger: log.LoggerLike | N
     except (paramiko.SSHException, OSError, EOFError) as e:
         xlog(f"outer rekey failed: {e}", loglevel=log.loglevel_WARN)
         return False
-    now = getattr(transport, "local_cipher", "")
+    now = paramiko_compat.negotiated_ciphers(transport)[0]
     xlog(f"outer transport now uses {now}", loglevel=log.loglevel_DEBUG)
     return now in gcm
 
@@ -206,8 +206,13 @@ class ChunkPipe(BufferedPipe):
     """
 
     def __init__(self, limit: int | None = None) -> None:
+        # paramiko's own fields are made but unused: every method is ours, on ours.
         super().__init__()
         self.limit = limit
+        self._mutex = threading.Lock()
+        self._wake = threading.Condition(self._mutex)
+        self._ready: Any = None  # the event select() waits on (set_event)
+        self._eof = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
         self._offset = 0  # bytes of _chunks[0] already read
@@ -215,62 +220,62 @@ class ChunkPipe(BufferedPipe):
 
     def offer_handover(self) -> None:
         """The transport's thread has parked (``fastpath``): once empty, ``read`` raises ``Handover``."""
-        with self._lock:
+        with self._mutex:
             self._handover = True
-            self._cv.notify_all()
+            self._wake.notify_all()
 
     def take_handover(self) -> bool:
         """Take a pending offer without reading (True if there was one)."""
-        with self._lock:
+        with self._mutex:
             offered, self._handover = self._handover, False
             return offered
 
     def set_event(self, event: Any) -> None:
-        with self._lock:
-            self._event = event
+        with self._mutex:
+            self._ready = event
             # As BufferedPipe: start "set" when data or EOF is already there.
-            if self._closed or self._size > 0:
+            if self._eof or self._size > 0:
                 event.set()
             else:
                 event.clear()
 
     def feed(self, data: bytes) -> None:
-        with self._lock:
+        with self._mutex:
             if self.limit is not None and self._size + len(data) > self.limit:
                 raise paramiko.SSHException(
                     f"the peer sent {self._size + len(data)} bytes, more than the window of {self.limit}")
-            if self._event is not None:
-                self._event.set()
+            if self._ready is not None:
+                self._ready.set()
             if data:
                 self._chunks.append(bytes(data))
                 self._size += len(data)
-            self._cv.notify_all()
+            self._wake.notify_all()
 
     def read_ready(self) -> bool:
-        with self._lock:
+        with self._mutex:
             return self._size > 0
 
     def read(self, nbytes: int, timeout: float | None = None) -> bytes:
-        with self._lock:
+        with self._mutex:
             if self._size == 0:
-                if self._closed:
+                if self._eof:
                     return b""
                 if timeout == 0.0:
                     raise PipeTimeout()
                 deadline = None if timeout is None else time.monotonic() + timeout
-                while self._size == 0 and not self._closed:
+                while self._size == 0 and not self._eof:
                     if self._handover:
                         self._handover = False
                         raise fastpath.Handover()
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise PipeTimeout()
-                    self._cv.wait(remaining)
+                    self._wake.wait(remaining)
                 if self._size == 0:
                     return b""
             out = self._take(nbytes)
-            if self._size == 0 and self._event is not None and not self._closed:
-                self._event.clear()
+            if self._size == 0 and self._ready is not None and not self._eof:
+                self._ready.clear()
             return out
 
     def _take(self, nbytes: int) -> bytes:
@@ -309,21 +314,21 @@ class ChunkPipe(BufferedPipe):
         return out
 
     def empty(self) -> bytes:
-        with self._lock:
+        with self._mutex:
             out = self._take(self._size) if self._size else b""
-            if self._event is not None and not self._closed:
-                self._event.clear()
+            if self._ready is not None and not self._eof:
+                self._ready.clear()
             return out
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._cv.notify_all()
-            if self._event is not None:
-                self._event.set()
+        with self._mutex:
+            self._eof = True
+            self._wake.notify_all()
+            if self._ready is not None:
+                self._ready.set()
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._mutex:
             return self._size
 
 
@@ -334,7 +339,8 @@ def use_chunk_pipe(chan: paramiko.Channel, limit: int | None = None) -> bool:
 
     Only safe from the thread of the channel's transport (the only thread that
     feeds the pipe), e.g. in a ``tcpip-forward`` handler or a subsystem
-    handler's constructor; anywhere else nothing is changed.
+    handler's constructor; anywhere else nothing is changed.  Nothing changes
+    either where :mod:`paramiko_compat` says this paramiko's pipe is unknown.
 
     Returns:
         True if the pipe was replaced.
@@ -342,19 +348,7 @@ def use_chunk_pipe(chan: paramiko.Channel, limit: int | None = None) -> bool:
     transport = chan.get_transport()
     if not USE_CHUNK_PIPE or transport is None or threading.current_thread() is not transport:
         return False
-    old = chan.in_buffer
-    if type(old) is not BufferedPipe:
-        return False  # already ours, or someone else's subclass: leave it
-    new = ChunkPipe(limit)
-    pending = old.empty()
-    if pending:
-        new.feed(pending)
-    if old._closed:
-        new.close()
-    if old._event is not None:
-        new.set_event(old._event)
-    chan.in_buffer = new
-    return True
+    return paramiko_compat.swap_in_buffer(chan, ChunkPipe(limit))
 
 
 class ReadAheadSocket:
