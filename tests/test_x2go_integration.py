@@ -365,3 +365,31 @@ def test_real_python_x2go_shares_through_our_tunnel(which: str, run_driver: Any,
     driver.send("quit")
     driver.expect("bye")
     assert driver.close() == 0
+
+
+def test_bare_class_swap_is_refused_inside_python_x2go(run_driver: Any, tmp_path: Path) -> None:
+    """Our class put into x2go.sftpserver without install(): refused at construction, loudly.
+
+    The driver runs python-x2go's own X2GoSession.resume(); only the graphical
+    part of the terminal session is stood in.  Without the refusal, python-x2go
+    builds the tunnel, sshfs meets our host key instead of python-x2go's
+    RSAHostKey, and nothing is exported: every share fails silently.
+    """
+    python = python_with_x2go(DEBIAN_PYTHON)
+    share, _ = make_share(tmp_path)
+    driver = run_driver(python, "bare", [str(share)])
+    resumed = driver.expect("resumed")
+    # python-x2go caught the refusal (X2GoUserException) and went on with the session ...
+    assert resumed["resumed"] is True and resumed["running"] is True, resumed
+    # ... without a tunnel, and with folder sharing, printing and the MIME box off.
+    assert resumed["sshfs_tunnel"] is None
+    assert (resumed["folder_sharing"], resumed["printing"], resumed["mimebox"]) == (False, False, False)
+    assert resumed["shared"] == {str(share): False}
+    assert str(share) not in server_mounts()
+    # The user sees why, and what to do instead, in python-x2go's log.
+    log = driver.stderr()
+    assert "without x2go_sftp.integrate.install()" in log, log
+    assert "HOOK_sshfs_not_available" in log, log
+    driver.send("quit")
+    driver.expect("bye")
+    assert driver.close() == 0

@@ -140,6 +140,8 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         max_connections: int = MAX_CONNECTIONS,
         session_observer: Any = None,
     ):
+        from .integrate import refuse_bare_swap  # not at the top: integrate imports this module
+        refuse_bare_swap(type(self), logger)  # python-x2go's class without install(): refused loudly
         super().__init__(server_port, rforward.FORWARD_ADDRESS, 0, ssh_transport,
                          session_instance=session_instance, logger=logger, loglevel=loglevel)
         self.auth_key = auth_key if isinstance(auth_key, paramiko.PKey) else None

@@ -9,6 +9,10 @@ test suite's Python.  The test starts it as a subprocess and talks to it:
 * after each event the driver waits for one command line on stdin
   (``next``, ``unshare <path>``, ``unshare_all``, ``quit``).
 
+Modes: ``stock`` (python-x2go as shipped), ``ours`` (after
+``x2go_sftp.integrate.install()``) and ``bare`` (our tunnel class put into
+``x2go.sftpserver`` without ``install()``; see ``run_bare``).
+
 What runs is python-x2go's own code: ``X2GoSession.connect`` (its control
 session over a real sshd), ``X2GoControlSession.list_sessions`` (the real
 ``x2golistsessions``), the terminal backend built exactly as
@@ -87,7 +91,7 @@ def register_server_session(control: Any, name: str, ports: dict[str, int], agen
 
 def main() -> int:
     cfg = json.loads(sys.argv[1])
-    # cfg: mode ("stock" | "ours"), repo, port, user, client_key, known_hosts, client_root,
+    # cfg: mode ("stock" | "ours" | "bare"), repo, port, user, client_key, known_hosts, client_root,
     #      session_name, ports {gr, snd, fs}, agent_pid, shares [paths], printing, mimebox,
     #      keys_out (dir: the test gets the session key and host key there)
     if cfg["mode"] == "ours":
@@ -97,6 +101,14 @@ def main() -> int:
         first = x2go_sftp.integrate.install()
         second = x2go_sftp.integrate.install()
         emit("installed", first=first, second=second)
+    elif cfg["mode"] == "bare":
+        # The bare class swap someone will try instead of install().
+        sys.path.insert(0, cfg["repo"])
+        import x2go.sftpserver
+
+        import x2go_sftp
+
+        x2go.sftpserver.X2GoRevFwTunnelToSFTP = x2go_sftp.X2GoRevFwTunnelToSFTP
 
     import x2go  # noqa: F401  (applies python-x2go's gevent monkey patching, as in PyHoca)
     import x2go.log
@@ -121,6 +133,8 @@ def main() -> int:
     name = cfg["session_name"]
     try:
         register_server_session(control, name, cfg["ports"], cfg["agent_pid"])
+        if cfg["mode"] == "bare":
+            return run_bare(cfg, session, control, name)
         return run_session(cfg, session, control, name)
     finally:
         # Drop the server-side record whatever happened (as x2gocleansessions does), so
@@ -223,6 +237,49 @@ def run_session(cfg: dict[str, Any], session: Any, control: Any, name: str) -> i
     # Tear down as python-x2go does on session end, then drop the server-side record.
     terminal.unshare_all_local_folders()
     tunnel.stop_thread()
+    return 0
+
+
+def run_bare(cfg: dict[str, Any], session: Any, control: Any, name: str) -> int:
+    """python-x2go's own ``X2GoSession.resume()`` with the bare class swap in place.
+
+    Everything is python-x2go's code (``X2GoSession.resume`` ->
+    ``X2GoControlSession.resume`` -> terminal backend ->
+    ``start_sshfs`` / ``start_printing`` / ``start_mimebox``, and its handling
+    of what they raise) except ``X2GoTerminalSession.resume`` and ``ok``: the
+    graphical part (``x2goresume-session`` + ``nxproxy``, see
+    ``register_server_session``).  The stand-in does what that method does
+    besides, for the folder-sharing part: the session's containers and user.
+    """
+    terminal_class = control._terminal_backend
+
+    def resume_without_graphics(terminal: Any) -> bool:
+        info = terminal.session_info
+        info.local_container = os.path.join(terminal.params.rootdir, f"S-{info.name}")
+        info.remote_container = f"{terminal.control_session._x2go_remote_home}/.x2go/C-{info.name}"
+        info.username = terminal.control_session.remote_username()
+        return True
+
+    terminal_class.resume = resume_without_graphics
+    terminal_class.ok = lambda terminal: True  # "nxproxy runs"
+
+    resumed = session.resume(session_name=name)
+    tunnel = control.get_transport().reverse_tunnels.get(name, {}).get("sshfs", (0, None))[1]
+    shared = {path: session.share_local_folder(path) for path in cfg["shares"]}
+    emit(
+        "resumed",
+        resumed=resumed,
+        running=session.is_running(),
+        sshfs_tunnel=None if tunnel is None else f"{type(tunnel).__module__}.{type(tunnel).__qualname__}",
+        folder_sharing=session.is_folder_sharing_available(),
+        printing=bool(session._SUPPORTED_PRINTING),
+        mimebox=bool(session._SUPPORTED_MIMEBOX),
+        shared=shared,
+    )
+    wait_command()
+    if tunnel is not None:  # only without the refusal: tear down what it started
+        session.terminal_session.unshare_all_local_folders()
+        tunnel.stop_thread()
     return 0
 
 
