@@ -512,15 +512,15 @@ def test_pre_auth_flood_leaves_a_real_sshfs_mount_working(
                 peak_threads = max(peak_threads, len(our_threads()) - baseline)
             (mnt / "written-during-flood").write_bytes(b"still here\n")
             connections = flood.connections
-        assert open(os.path.join(export_dir, "written-during-flood"), "rb").read() == b"still here\n"
-        assert peak_pending <= auth.MAX_STARTUPS
-        assert peak_threads <= THREADS_PER_PENDING * auth.MAX_STARTUPS
-        assert tunnel.login_gate.logged_in == 1  # the mount's connection
         record_property("ls_quiet_s", sorted(quiet))
         record_property("ls_flood_s", sorted(flooded))
         record_property("flood_connections", connections)
         record_property("peak_pending", peak_pending)
         record_property("peak_extra_threads", peak_threads)
+        assert open(os.path.join(export_dir, "written-during-flood"), "rb").read() == b"still here\n"
+        assert peak_pending <= auth.MAX_STARTUPS
+        assert peak_threads <= THREADS_PER_PENDING * auth.MAX_STARTUPS
+        assert tunnel.login_gate.logged_in == 1  # the mount's connection
     finally:
         if mnt is not None and is_mounted(mnt):
             subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -204,8 +204,9 @@ class SessionKeyAuth(paramiko.ServerInterface):
             self.failures += 1
             if self.failures >= MAX_AUTH_TRIES and self.transport is not None:
                 # As OpenSSH: the connection ends instead of the last failure reply.
+                # INFO, as every line a peer without the key can cause once per connection.
                 self.logger(f"{self.failures} failed authentication attempts (limit {MAX_AUTH_TRIES}, "
-                            f"OpenSSH MaxAuthTries): closing the connection", loglevel=log.loglevel_WARN)
+                            f"OpenSSH MaxAuthTries): closing the connection", loglevel=log.loglevel_INFO)
                 self.transport.close()
         return "publickey"
 
@@ -216,7 +217,7 @@ class SessionKeyAuth(paramiko.ServerInterface):
 
     def check_auth_password(self, username: str, password: str) -> int:
         self._requests += 1
-        self.logger(f"password auth refused for {username!r}", loglevel=log.loglevel_WARN)
+        self.logger(f"password auth refused for {username!r}", loglevel=log.loglevel_INFO)
         return paramiko.AUTH_FAILED
 
     def check_auth_interactive(self, username: str, submethods: str) -> int:
@@ -234,7 +235,9 @@ class SessionKeyAuth(paramiko.ServerInterface):
                 loglevel=log.loglevel_INFO,
             )
             return paramiko.AUTH_SUCCESSFUL
-        self.logger(f"publickey auth ({key.get_name()}) for {username!r} refused", loglevel=log.loglevel_WARN)
+        # INFO: OpenSSH clients offer their other keys first, and anyone on the
+        # X2Go server can cause this line without a key.
+        self.logger(f"publickey auth ({key.get_name()}) for {username!r} refused", loglevel=log.loglevel_INFO)
         return paramiko.AUTH_FAILED
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
