@@ -17,7 +17,9 @@ import contextlib
 import glob
 import hashlib
 import os
+import pty
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -186,12 +188,15 @@ def clean_remote(remote_user: RemoteUser) -> Iterator[None]:
 class Command:
     """``python -m x2go_sftp share ...`` as a subprocess, with a clean HOME (no ~/.ssh, no agent)."""
 
-    def __init__(self, argv: list[str], home: Path):
+    def __init__(self, argv: list[str], home: Path, stderr: int = subprocess.PIPE):
         env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
         env["HOME"] = str(home)
         env["PYTHONUNBUFFERED"] = "1"
+        # paramiko 2.12 triggers cryptography's TripleDES deprecation warning at
+        # import, before any of our code runs: Python's output, not the command's.
+        env["PYTHONWARNINGS"] = "ignore::UserWarning"
         self.proc = subprocess.Popen([sys.executable, "-m", "x2go_sftp", *argv], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env, cwd=str(home))
+                                     stderr=stderr, env=env, cwd=str(home))
         self.out = b""
 
     def wait_lines(self, n: int, deadline: float = STARTUP_DEADLINE) -> list[str]:
@@ -213,8 +218,7 @@ class Command:
         return self.out.decode().splitlines()[:n]
 
     def _err(self) -> str:
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace")
+        return self.proc.stderr.read().decode(errors="replace") if self.proc.stderr is not None else ""
 
     def stop(self, sig: int = signal.SIGINT) -> tuple[int, str, str]:
         self.proc.send_signal(sig)
@@ -227,7 +231,7 @@ class Command:
             self.proc.kill()
             out, err = self.proc.communicate(timeout=30)
             pytest.fail(f"the command did not end: {err.decode()}")
-        return self.proc.returncode, (self.out + out).decode(), err.decode()
+        return self.proc.returncode, (self.out + out).decode(), (err or b"").decode()
 
 
 @pytest.fixture
@@ -238,10 +242,11 @@ def run_share(server: RealSSHD, remote_user: RemoteUser, known_hosts: Path, tmp_
     home = tmp_path / "client-home"
     home.mkdir()
 
-    def start(*args: str, port: int | None = None, known: Path | None = None, key: Path | None = None) -> Command:
-        argv = ["share", "-p", str(port or server.port), "-i", str(key or remote_user.key_file),
+    def start(*args: str, port: int | None = None, known: Path | None = None, key: Path | None = None,
+              pre: list[str] | None = None, stderr: int = subprocess.PIPE) -> Command:
+        argv = [*(pre or []), "share", "-p", str(port or server.port), "-i", str(key or remote_user.key_file),
                 "--known-hosts", str(known or known_hosts), *args]
-        cmd = Command(argv, home)
+        cmd = Command(argv, home, stderr)
         started.append(cmd)
         return cmd
 
@@ -536,3 +541,89 @@ def test_api_counts_bytes_requests_handles_and_errors_per_mount(
 def test_api_refuses_a_missing_folder_before_touching_the_server(tmp_path: Path) -> None:
     with pytest.raises(ShareError, match="no such directory"):
         share(None, [str(tmp_path / "absent")])  # type: ignore[arg-type]
+
+
+# -- the command's output: mount lines, status line, logging, --quiet, --version -------------------
+def test_status_line_on_a_terminal(run_share: Callable[..., Command], remote_user: RemoteUser,
+                                   folders: tuple[Path, Path]) -> None:
+    a, _ = folders
+    master, slave = pty.openpty()
+    try:
+        cmd = run_share(dest(), str(a), stderr=slave)
+        os.close(slave)
+        slave = -1
+        cmd.wait_lines(1)
+        assert as_user(remote_user, "cat", str(remote_user.home / "x2go-sftp" / "alpha" / "hello.txt")).returncode == 0
+        seen = b""
+        end = time.monotonic() + 30
+        while not re.search(rb"in \d.* out \d.*requests [1-9]\d*  open \d+  errors 0", seen):
+            if time.monotonic() > end:
+                pytest.fail(f"no status line with requests on the terminal: {seen!r}")
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        rc, _, _ = cmd.stop()
+        assert rc == 0
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+def test_verbose_turns_on_logging_without_the_x2go_mask_and_quiet_prints_nothing(
+        run_share: Callable[..., Command], remote_user: RemoteUser, folders: tuple[Path, Path]) -> None:
+    a, _ = folders
+    # The inner server's login line is an X2Go INFO message, which the default X2Go mask (56) filters out.
+    cmd = run_share(dest(), str(a), pre=["-v"])
+    cmd.wait_lines(1)
+    rc, _, err = cmd.stop()
+    assert rc == 0 and "INFO: x2go_sftp.auth: publickey auth (ssh-rsa) for " in err, err
+    assert "DEBUG" not in err
+
+    cmd = run_share("--quiet", dest(), str(a))
+    wait_for(lambda: is_mounted(remote_user.home / "x2go-sftp" / "alpha"), "the quiet mount")
+    rc, out, err = cmd.stop()
+    assert (rc, out, err) == (0, "", "")
+
+
+def test_version() -> None:
+    res = subprocess.run([sys.executable, "-m", "x2go_sftp", "--version"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and re.fullmatch(r"x2go-sftp \d+\.\d+\.\d+ \(paramiko \S+\)\n", res.stdout)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the sshfs daemons are not: they detached to init)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in glob.glob(f"/proc/{parent}/task/*/children"):
+            with contextlib.suppress(OSError):
+                kids = [int(k) for k in Path(task).read_text().split()]
+                found.extend(kids)
+                todo.extend(kids)
+    return found
+
+
+def test_dropped_connection_is_reported_with_exit_1(
+        remote_user: RemoteUser, run_share: Callable[..., Command], folders: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    (tmp_path / "sshd").mkdir()
+    with running_sshd(tmp_path / "sshd", remote_user.key, _user_sshd_config(remote_user)) as sshd:
+        kh = tmp_path / "kh"
+        kh.write_text(host_key_line(sshd))
+        cmd = run_share(dest(), str(folders[0]), port=sshd.port, known=kh)
+        cmd.wait_lines(1)
+        # End the server's side of the connection: the per-connection sshd processes
+        # (the privileged monitor and the user's process holding the socket).
+        victims = descendants(sshd.process.pid)
+        assert victims
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        rc, _, err = cmd.finish()
+    assert rc == 1 and "the connection to 127.0.0.1 was lost" in err, err
+    (kd,) = key_dirs(remote_user)
+    assert f"remove 127.0.0.1:{kd} by hand" in err and "run fusermount -u there" in err
+    # What the message asks the user to do by hand (sshfs, its connection gone, unmounted itself).
+    shutil.rmtree(kd)
+    shutil.rmtree(remote_user.home / "x2go-sftp")

@@ -316,7 +316,7 @@ def _authenticate(transport: paramiko.Transport, user: str, explicit: list[str],
         except paramiko.AuthenticationException:
             tried.append(label)
             continue
-        except (paramiko.SSHException, EOFError, OSError) as e:
+        except (paramiko.SSHException, EOFError, OSError):
             tried.append(label)
             if not transport.is_active():
                 break
@@ -390,7 +390,9 @@ def cmd_share(args: argparse.Namespace) -> int:
     setting_up = True
 
     def on_signal(signum: int, frame: Any) -> None:
+        nonlocal setting_up
         if setting_up:
+            setting_up = False  # a second signal must not interrupt the undoing
             raise _Stop(signal.Signals(signum).name)
         stop.set()
 

@@ -31,7 +31,6 @@ import os
 import posixpath
 import secrets
 import shlex
-import socket
 import stat
 import threading
 import time
@@ -125,7 +124,7 @@ class CounterSnapshot:
     sessions: int = 0
 
     def __add__(self, other: CounterSnapshot) -> CounterSnapshot:
-        return CounterSnapshot(*(a + b for a, b in zip(_fields(self), _fields(other))))
+        return CounterSnapshot(*(a + b for a, b in zip(_fields(self), _fields(other), strict=True)))
 
 
 def _fields(s: CounterSnapshot) -> tuple[int, ...]:
@@ -204,6 +203,8 @@ class Mount:
     counters: MountCounters = field(default_factory=MountCounters)
     mounted: bool = False
     tunnel: X2GoRevFwTunnelToSFTP | None = field(default=None, repr=False)
+    # sshfs was started: it may have mounted even if we never heard back (interrupted).
+    attempted: bool = field(default=False, repr=False)
 
 
 def run_remote(transport: paramiko.Transport, command: str, timeout: float = REMOTE_COMMAND_TIMEOUT) -> tuple[int, str]:
@@ -231,7 +232,7 @@ def run_remote(transport: paramiko.Transport, command: str, timeout: float = REM
             chan.settimeout(remaining)
             try:
                 data = chan.recv(32768)
-            except socket.timeout:
+            except TimeoutError:  # socket.timeout, which paramiko raises
                 continue
             if not data:
                 break
@@ -340,6 +341,8 @@ class Share:
             connected = self.transport.is_active()
             # Unmount first, while our end still answers: sshfs then exits by itself.
             for m in reversed(self.mounts):
+                if m.attempted and not m.mounted and connected:
+                    self._unmount(m, quiet=True)  # interrupted while sshfs ran: it may have mounted
                 if m.mounted:
                     if connected:
                         self._unmount(m)
@@ -362,9 +365,9 @@ class Share:
                 self._log(problem, loglevel=log.loglevel_WARN)
             return self.problems
 
-    def _unmount(self, m: Mount) -> None:
+    def _unmount(self, m: Mount, quiet: bool = False) -> None:
         q = shlex.quote(m.mountpoint)
-        for lazy in ("", "z"):
+        for lazy in ("",) if quiet else ("", "z"):
             try:
                 status, out = run_remote(
                     self.transport, _sh(f"fusermount3 -u{lazy} {q} 2>&1 || fusermount -u{lazy} {q} 2>&1"))
@@ -378,7 +381,8 @@ class Share:
                 self._log(f"unmounted {self.host}:{m.mountpoint}", loglevel=log.loglevel_INFO)
                 return
             self._log(f"fusermount -u{lazy} {m.mountpoint}: {out.strip()}", loglevel=log.loglevel_INFO)
-        self.problems.append(f"could not unmount {self.host}:{m.mountpoint}: {out.strip()}")
+        if not quiet:
+            self.problems.append(f"could not unmount {self.host}:{m.mountpoint}: {out.strip()}")
 
     def _remove_remote_files(self, connected: bool) -> None:
         if not connected:
@@ -388,13 +392,19 @@ class Share:
         sftp = self._sftp
         if sftp is None:
             return
-        for path in reversed(self._key_files):
+        if self.key_dir is not None:
+            # Everything in it is ours: the keys, and the output of an sshfs we were interrupted in.
             try:
-                sftp.remove(path)
-            except FileNotFoundError:
-                pass
-            except Exception as e:
-                self.problems.append(f"could not remove {self.host}:{path}: {e}")
+                names = sftp.listdir(self.key_dir)
+            except Exception:
+                names = []
+            for path in {posixpath.join(self.key_dir, n) for n in names} | set(self._key_files):
+                try:
+                    sftp.remove(path)
+                except FileNotFoundError:
+                    pass
+                except Exception as e:
+                    self.problems.append(f"could not remove {self.host}:{path}: {e}")
         self._key_files = []
         if self.key_dir is not None:
             try:
@@ -620,6 +630,7 @@ def _mount(s: Share, m: Mount, sftp_path: str, username: str, uid: int, gid: int
     out = posixpath.join(s.key_dir or "/tmp", f"sshfs-{m.port}.out")
     script = f"{shlex.join(argv)} </dev/null >{shlex.quote(out)} 2>&1; rc=$?; cat {shlex.quote(out)}; " \
              f"rm -f {shlex.quote(out)}; exit $rc"
+    m.attempted = True
     status, text = run_remote(s.transport, _sh(script), SSHFS_MOUNT_TIMEOUT)
     if status != 0:
         raise ShareError(f"sshfs on {s.host} could not mount {m.mountpoint}: {text.strip()[-800:]}")
