@@ -191,20 +191,49 @@ def test_normalize_refuses_nul_and_overlong(tmp_path: Any) -> None:
         ex.clear()
 
 
-def test_export_root_is_a_descriptor_not_a_name(tmp_path: Any) -> None:
-    """Renaming the exported directory and putting another in its place does not redirect it."""
+def test_export_follows_its_path_by_identity(tmp_path: Any) -> None:
+    """Renamed away: refused while the path is missing; a new folder there is served.
+
+    A walk that pinned the old root keeps its descriptor until it lets go,
+    and only then is it closed (a number is never reused under a walk).
+    """
     d = tmp_path / "d"
     d.mkdir()
     (d / "mine.txt").write_text("mine")
     export = Export(str(d))
     try:
+        old_fd = export.acquire()  # a walk running across the rename
         os.rename(d, tmp_path / "moved")
+        with pytest.raises(FileNotFoundError):
+            export.acquire()
         d.mkdir()
+        (d / "new.txt").write_text("new")
         fd = export.acquire()
         try:
-            assert os.stat("mine.txt", dir_fd=fd).st_size == 4  # the moved directory, not the new one
+            assert fd != old_fd
+            assert os.stat("new.txt", dir_fd=fd).st_size == 3  # the folder now at the path
+            assert os.stat("mine.txt", dir_fd=old_fd).st_size == 4  # the running walk's, still open
+            st = os.stat(d)
+            assert export.root_id == (st.st_dev, st.st_ino)
         finally:
-            export.release()
+            export.release(fd)
+        export.release(old_fd)
+        with pytest.raises(OSError) as e:
+            os.fstat(old_fd)
+        assert e.value.errno == errno.EBADF
+        # Moved back: the path names the first directory again, and it is served again.
+        d.rename(tmp_path / "second")
+        (tmp_path / "moved").rename(d)
+        fd = export.acquire()
+        try:
+            assert os.stat("mine.txt", dir_fd=fd).st_size == 4
+        finally:
+            export.release(fd)
+        # A file at the path is not a folder to serve.
+        d.rename(tmp_path / "third")
+        d.write_text("not a directory")
+        with pytest.raises(FileNotFoundError):
+            export.acquire()
     finally:
         export.close()
 

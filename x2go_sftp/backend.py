@@ -24,7 +24,7 @@ import paramiko
 from paramiko.sftp import SFTP_OK
 from paramiko.sftp_attr import SFTPAttributes
 
-from . import log
+from . import budget, log
 from .exports import Export, Exports
 from .jail import Jail, Resolved, chmod_nofollow, refused
 from .status import OK, Status, from_oserror
@@ -32,7 +32,20 @@ from .status import OK, Status, from_oserror
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _OPEN_EXTRA = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
 
+# Descriptors an open handle holds, charged to budget.handle_fds: a file its
+# own; a directory its own plus the duplicate os.scandir() makes of it.
+FILE_HANDLE_FDS = 1
+DIR_HANDLE_FDS = 2
+
+# off_t is signed 64-bit: larger offsets and sizes cannot reach the kernel
+# (Python raises OverflowError).  OpenSSH casts the u64 to off_t and lseek()
+# or ftruncate() answer EINVAL; so do we, before any system call.
+MAX_OFFSET = 2**63 - 1
+
 T = TypeVar("T")
+
+# One limiter for the whole process: every session's refusals share it.
+_BUDGET_LOG = log.RateLimiter()
 
 
 def _status_on_error(fn: Callable[..., T]) -> Callable[..., T | Status]:
@@ -45,11 +58,17 @@ def _status_on_error(fn: Callable[..., T]) -> Callable[..., T | Status]:
         except OSError as e:
             self._log_error(fn.__name__, args, e)
             return from_oserror(e)
-        except (ValueError, UnicodeError) as e:
+        except (ValueError, UnicodeError, OverflowError) as e:
             self._log_error(fn.__name__, args, e)
             return Status(paramiko.sftp.SFTP_FAILURE, "Invalid argument")
 
     return wrapper
+
+
+def _check_offset(value: int | None, what: str = "offset") -> None:
+    """EINVAL for an offset or size off_t cannot hold (as OpenSSH's lseek/ftruncate)."""
+    if value is not None and not 0 <= value <= MAX_OFFSET:
+        raise OSError(errno.EINVAL, f"{what} out of range")
 
 
 def _attributes(st: os.stat_result, filename: str | None = None) -> SFTPAttributes:
@@ -76,6 +95,7 @@ def _apply_attr_at(dir_fd: int, name: str, attr: SFTPAttributes) -> None:
     """
     flags = attr._flags
     if flags & attr.FLAG_SIZE:
+        _check_offset(attr.st_size, "size")
         fd = os.open(name, os.O_WRONLY | _OPEN_EXTRA, dir_fd=dir_fd)
         try:
             if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
@@ -98,6 +118,7 @@ def _apply_attr_at(dir_fd: int, name: str, attr: SFTPAttributes) -> None:
 def _apply_attr_fd(fd: int, attr: SFTPAttributes) -> None:
     flags = attr._flags
     if flags & attr.FLAG_SIZE:
+        _check_offset(attr.st_size, "size")
         os.ftruncate(fd, attr.st_size)
     if flags & attr.FLAG_PERMISSIONS:
         os.chmod(fd, attr.st_mode & 0o7777)
@@ -108,15 +129,22 @@ def _apply_attr_fd(fd: int, attr: SFTPAttributes) -> None:
 
 
 class FileHandle(paramiko.SFTPHandle):
-    """An open regular file under an export; dies with the export."""
+    """An open regular file under an export; dies with the export.
 
-    def __init__(self, fd: int, export: Export, flags: int, name: str, read_only: bool | None = None):
+    Args:
+        budget_fds: descriptors taken from :data:`budget.handle_fds` for this
+            handle; given back once, when it closes.
+    """
+
+    def __init__(self, fd: int, export: Export, flags: int, name: str, read_only: bool | None = None,
+                 budget_fds: int = 0):
         super().__init__(flags)
         self.fd = fd
         self.export = export
         self.read_only = export.read_only if read_only is None else read_only
         self.filename = name
         self.writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        self._budget_fds = budget_fds
 
     def _live(self) -> int:
         if self.fd < 0:
@@ -127,12 +155,18 @@ class FileHandle(paramiko.SFTPHandle):
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        charged, self._budget_fds = self._budget_fds, 0
+        try:
+            if fd >= 0:
+                os.close(fd)
+        finally:
+            budget.handle_fds.give(charged)
 
     def read(self, offset: int, length: int) -> bytes | int:
         try:
-            return os.pread(self._live(), length, offset)
+            fd = self._live()
+            _check_offset(offset)
+            return os.pread(fd, length, offset)
         except OSError as e:
             return from_oserror(e)
 
@@ -141,6 +175,7 @@ class FileHandle(paramiko.SFTPHandle):
             fd = self._live()
             if self.read_only:
                 raise refused("read-only export")
+            _check_offset(offset)
             view = memoryview(data)
             while view:
                 n = os.pwrite(fd, view, offset)
@@ -191,12 +226,13 @@ class FileHandle(paramiko.SFTPHandle):
 class DirHandle(paramiko.SFTPHandle):
     """An open directory, listed in batches straight from the kernel (never whole)."""
 
-    def __init__(self, fd: int, export: Export, name: str, at_root: bool, parent_fd: int | None = None):
+    def __init__(self, fd: int, export: Export, name: str, at_root: bool, parent_fd: int | None = None,
+                 budget_fds: int = 0):
         super().__init__(0)
         self.export = export
         self.filename = name
         self._fd = fd
-        self._scan = os.scandir(fd)  # works on its own dup of fd
+        self._budget_fds = 0
         here = os.fstat(fd)
         # Never reveal the attributes of the directory above an export.
         if at_root:
@@ -206,6 +242,9 @@ class DirHandle(paramiko.SFTPHandle):
         else:
             up = os.stat("..", dir_fd=fd)
         self._pending: list[SFTPAttributes] = [_attributes(here, "."), _attributes(up, "..")]
+        self._scan = os.scandir(fd)  # works on its own dup of fd; the last step that can fail
+        # From here on close() gives the budget back (until here it is the caller's to give).
+        self._budget_fds = budget_fds
 
     def read_batch(self, max_names: int) -> list[SFTPAttributes] | int:
         """Up to ``max_names`` entries; [] at the end of the directory."""
@@ -237,10 +276,16 @@ class DirHandle(paramiko.SFTPHandle):
         return batch if isinstance(batch, list) else []
 
     def close(self) -> None:
-        if self._fd >= 0:
-            self._scan.close()
-            os.close(self._fd)
-            self._fd = -1
+        charged, self._budget_fds = self._budget_fds, 0
+        try:
+            if self._fd >= 0:
+                self._fd, fd = -1, self._fd
+                try:
+                    self._scan.close()
+                finally:
+                    os.close(fd)
+        finally:
+            budget.handle_fds.give(charged)
 
 
 class JailedSFTPServer(paramiko.SFTPServerInterface):
@@ -275,6 +320,16 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
     def _resolve(self, path: str, follow_last: bool = True) -> Resolved:
         return self.jail.resolve(path, follow_last=follow_last)
 
+    def _take_budget(self, n: int) -> None:
+        """Take ``n`` descriptors from the process-wide handle budget, or refuse the request."""
+        try:
+            budget.handle_fds.take(n)
+        except budget.BudgetExhausted:
+            log.limited(self.logger, _BUDGET_LOG,
+                        f"refusing a handle: the {budget.handle_fds.limit} descriptors for open "
+                        f"handles of this process are in use", log.loglevel_NOTICE)
+            raise
+
     def _resolve_named(self, path: str) -> Resolved:
         """Resolve for an operation on the final name itself (never the export root)."""
         res = self._resolve(path, follow_last=False)
@@ -302,28 +357,38 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
             mode = 0o666
             if attr is not None and attr._flags & attr.FLAG_PERMISSIONS:
                 mode = attr.st_mode & 0o7777
-            fd = os.open(res.name, flags | _OPEN_EXTRA, mode, dir_fd=res.dir_fd)
+            self._take_budget(FILE_HANDLE_FDS)
+            fd = -1
             try:
+                fd = os.open(res.name, flags | _OPEN_EXTRA, mode, dir_fd=res.dir_fd)
                 if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
                     raise OSError(errno.EINVAL, "not a regular file")
+                return FileHandle(fd, res.export, flags, res.sftp_path, res.read_only,
+                                  budget_fds=FILE_HANDLE_FDS)
             except BaseException:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
+                budget.handle_fds.give(FILE_HANDLE_FDS)
                 raise
-            return FileHandle(fd, res.export, flags, res.sftp_path, res.read_only)
 
     @_status_on_error
     def opendir(self, path: str) -> DirHandle:
         with self._resolve(path) as res:
-            if res.name is not None:
-                fd = os.open(
-                    res.name, os.O_RDONLY | os.O_DIRECTORY | _OPEN_EXTRA, dir_fd=res.dir_fd
-                )
-            else:
-                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=res.dir_fd)
+            self._take_budget(DIR_HANDLE_FDS)
+            fd = -1
             try:
-                return DirHandle(fd, res.export, res.sftp_path, res.is_root, res.parent_fd)
+                if res.name is not None:
+                    fd = os.open(
+                        res.name, os.O_RDONLY | os.O_DIRECTORY | _OPEN_EXTRA, dir_fd=res.dir_fd
+                    )
+                else:
+                    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=res.dir_fd)
+                return DirHandle(fd, res.export, res.sftp_path, res.is_root, res.parent_fd,
+                                 budget_fds=DIR_HANDLE_FDS)
             except BaseException:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
+                budget.handle_fds.give(DIR_HANDLE_FDS)
                 raise
 
     @_status_on_error

@@ -6,12 +6,17 @@ Windows client python-x2go names drives ``/windrive/<letter>/...`` and UNC
 shares ``/uncpath/<server>/<share>/...``; the mapping between those names and
 local paths lives here as pure functions so it can be tested anywhere.
 
-An :class:`Export` owns a directory file descriptor of its root, opened once
-when the export is added.  Every lookup below it goes through that descriptor
-(see :mod:`x2go_sftp.jail`), so renaming or replacing the root path later does
-not redirect the export.  Removing an export makes it unreachable at once; its
-root descriptor is closed only when no request still holds it, so a number can
-never be reused under a running walk.
+An :class:`Export` owns a directory file descriptor of its root.  Every
+lookup below it goes through that descriptor (see :mod:`x2go_sftp.jail`).
+The export follows its path, as OpenSSH's sftp-server (which only has paths)
+does: when a request starts, the path's directory identity is compared with
+the held descriptor's (one ``stat``); if the path now names another directory
+the descriptor is replaced by one opened on it, and while the path names no
+directory requests are refused.  The decision is made on identities and the
+walk still starts from a descriptor, never from a path string.  Removing an
+export makes it unreachable at once; a root descriptor is closed only when
+no request still holds it, so a number can never be reused under a running
+walk.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import errno
 import ntpath
 import os
 import posixpath
+import stat as stat_mod
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -165,15 +171,22 @@ class Export:
         self.sftp_path = local_to_sftp(local_path, client_os)
         self.components = tuple(split_components(self.sftp_path))
         self.read_only = read_only
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        self._root_fd = os.open(local_path, flags | getattr(os, "O_PATH", 0))
+        self._root_fd = self._open_root()
         st = os.fstat(self._root_fd)
         # Identity of the root directory: how the jail recognises, on the
-        # descriptors of a walk, that it entered another export's root.
+        # descriptors of a walk, that it entered another export's root; and
+        # how a request sees that the path now names another directory.
         self.root_id = (st.st_dev, st.st_ino)
         self._lock = threading.Lock()
-        self._users = 0
+        # Walks pinning each root descriptor (the current one, and replaced
+        # ones that running walks still use), and the replaced ones.
+        self._pins: dict[int, int] = {}
+        self._retired: set[int] = set()
         self._active = True
+
+    def _open_root(self) -> int:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        return os.open(self.local_path, flags | getattr(os, "O_PATH", 0))
 
     @property
     def active(self) -> bool:
@@ -181,18 +194,72 @@ class Export:
         return self._active
 
     def acquire(self) -> int:
-        """Pin and return the root descriptor, or raise EACCES if the export is gone."""
+        """Pin and return the root descriptor of the directory the path names now.
+
+        Raises:
+            PermissionError: EACCES if the export was removed.
+            FileNotFoundError: ENOENT while the exported path names no directory.
+        """
+        if not self._active:
+            raise PermissionError(errno.EACCES, "export removed")
+        self._follow()
         with self._lock:
             if not self._active:
                 raise PermissionError(errno.EACCES, "export removed")
-            self._users += 1
-            return self._root_fd
+            fd = self._root_fd
+            self._pins[fd] = self._pins.get(fd, 0) + 1
+            return fd
 
-    def release(self) -> None:
-        """Unpin the root descriptor; the last release after :meth:`close` closes it."""
+    def _follow(self) -> None:
+        """Point the root descriptor at the directory the exported path names now.
+
+        One ``stat`` of the path per request; only a changed identity costs an
+        ``open``.  The local user's own path is followed as when the export
+        was added (symlinks in it included): that is the user's choice of
+        what to share, not the remote side's.
+        """
+        try:
+            st = os.stat(self.local_path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(errno.ENOENT, "exported folder is missing") from None
+        if (st.st_dev, st.st_ino) == self.root_id:
+            return
+        if not stat_mod.S_ISDIR(st.st_mode):
+            raise FileNotFoundError(errno.ENOENT, "exported folder is not a directory")
+        try:
+            fd = self._open_root()
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(errno.ENOENT, "exported folder is missing") from None
+        nst = os.fstat(fd)
         with self._lock:
-            self._users -= 1
-            if not self._active and self._users == 0:
+            if not self._active or (nst.st_dev, nst.st_ino) == self.root_id:
+                os.close(fd)  # removed meanwhile, or another request already followed
+                return
+            old, self._root_fd = self._root_fd, fd
+            self.root_id = (nst.st_dev, nst.st_ino)
+            if self._pins.get(old):
+                self._retired.add(old)
+            else:
+                os.close(old)
+
+    def release(self, fd: int | None = None) -> None:
+        """Unpin a root descriptor from :meth:`acquire` (None: the current one).
+
+        The last release of a replaced descriptor, or of any after
+        :meth:`close`, closes it.
+        """
+        with self._lock:
+            if fd is None or fd not in self._pins:
+                fd = self._root_fd if self._root_fd in self._pins else next(iter(self._pins), -1)
+            n = self._pins.get(fd, 0) - 1
+            if n > 0:
+                self._pins[fd] = n
+                return
+            self._pins.pop(fd, None)
+            if fd in self._retired:
+                self._retired.discard(fd)
+                os.close(fd)
+            elif fd == self._root_fd and not self._active:
                 self._close_fd()
 
     def close(self) -> None:
@@ -201,7 +268,7 @@ class Export:
             if not self._active:
                 return
             self._active = False
-            if self._users == 0:
+            if not self._pins.get(self._root_fd):
                 self._close_fd()
 
     def _close_fd(self) -> None:

@@ -40,6 +40,24 @@ MAX_SYMLINKS = 40
 # NAME_MAX on Linux filesystems; longer components are refused before any syscall.
 MAX_NAME_BYTES = 255
 
+# Descriptors one walk holds below the export root (the deepest levels it
+# walked); a ".." past them re-walks from the root by name.  The kernel's own
+# path walk holds references, not descriptors; OpenSSH's sftp-server lets the
+# kernel walk.  Ours holds at most WALK_MAX_FDS + 1 descriptors at any moment
+# (one more while stepping), whatever the depth: a chain 1,100 directories
+# deep used to hold 1,100 and exhausted the process's limit.  8 keeps the
+# "a/.." and "../x" of ordinary relative symlinks free of re-walks.
+WALK_MAX_FDS = 8
+
+# openat() calls one lookup may make, re-walks for ".." included.  The kernel
+# resolves a component in O(1) from its dentry cache; our re-walks cost
+# O(depth), so 40 symlinks (MAX_SYMLINKS) of 4 KiB of "../../x" at the bottom
+# of a deep chain could cost millions of calls in the one process all
+# sessions share.  Past this bound the lookup fails with ELOOP, as the kernel
+# answers a lookup it will not finish.  Far above any real path: a 4 KiB path
+# has at most 2,048 components.
+MAX_WALK_STEPS = 65536
+
 _O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 _DIR_FLAGS = _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -60,31 +78,57 @@ class Resolved:
     (the export root, or a directory reached with ``follow_last``); then
     :attr:`dir_fd` is that directory.  Use as a context manager: it closes the
     descriptors of the walk and unpins the export root.
+
+    The walk records the physical name of every directory below the root but
+    holds descriptors only for the deepest :data:`WALK_MAX_FDS` of them, so a
+    chain of any depth costs a fixed number of descriptors.  A ``..`` past the
+    held ones re-walks from the export root by the recorded names, each step
+    ``O_NOFOLLOW``, so it reaches a directory inside the export or fails:
+    never the kernel's ``..``, never a path string.
     """
 
-    def __init__(self, export: Export, root_fd: int):
+    def __init__(self, export: Export, root_fd: int, roots: dict[tuple[int, int], bool] | None = None):
         self.export = export
         self.root_fd = root_fd
-        self._stack: list[tuple[str, int]] = []
+        # Physical names from the root down, and for each level whether it is
+        # the root of an export (True/False: read-only or not), None if not.
+        self._names: list[str] = []
+        self._marks: list[bool | None] = []
+        # Descriptors of the deepest len(self._fds) levels; _fds[-1] is level len(_names).
+        self._fds: list[int] = []
+        # Export roots by identity, when several exports could nest (see Jail._read_only).
+        self._roots = roots if roots is not None and len(roots) > 1 else None
         self.name: str | None = None
         #: True when the place reached may not be modified: the walk's export
         #: is read-only, or the walk entered a read-only export nested in it.
         self.read_only = export.read_only
+        #: openat() calls made by the walk (re-walks included), see MAX_WALK_STEPS.
+        self.steps = 0
         self._closed = False
+
+    @property
+    def depth(self) -> int:
+        """Directories walked into below the export root."""
+        return len(self._names)
 
     @property
     def dir_fd(self) -> int:
         """Descriptor of the directory the final component lives in (or the directory itself)."""
-        return self._stack[-1][1] if self._stack else self.root_fd
+        return self._fds[-1] if self._names else self.root_fd
 
     @property
     def parent_fd(self) -> int:
         """Descriptor of the directory above :attr:`dir_fd` (the root for the root).
 
-        For ``..`` entries: taken from the walk, so the kernel's ``..`` (which
-        would leave an export whose subdirectory was moved out) is never used.
+        For ``..`` entries: taken from the walk (re-walked from the root by
+        name if it is no longer held), so the kernel's ``..`` (which would
+        leave an export whose subdirectory was moved out) is never used.
         """
-        return self._stack[-2][1] if len(self._stack) >= 2 else self.root_fd
+        if len(self._names) < 2:
+            return self.root_fd
+        if len(self._fds) < 2:
+            self._refill(2)
+        return self._fds[-2]
 
     @property
     def leaf(self) -> str:
@@ -100,8 +144,7 @@ class Resolved:
     @property
     def components(self) -> list[str]:
         """Physical components below the export root, the final name included."""
-        names = [n for n, _ in self._stack]
-        return names + [self.name] if self.name is not None else names
+        return self._names + [self.name] if self.name is not None else list(self._names)
 
     @property
     def sftp_path(self) -> str:
@@ -111,27 +154,94 @@ class Resolved:
     @property
     def is_root(self) -> bool:
         """True when the path is the export root itself."""
-        return not self._stack and self.name is None
+        return not self._names and self.name is None
+
+    def read_only_marks(self) -> list[bool | None]:
+        """Per level below the root: read-only flag if that directory is an export root, else None."""
+        return list(self._marks)
+
+    def _open_dir(self, name: str, dir_fd: int) -> int:
+        """openat(dir_fd, name) as a directory, never through a symlink; counted in :attr:`steps`."""
+        self.steps += 1
+        if self.steps > MAX_WALK_STEPS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+    def _mark(self, fd: int) -> bool | None:
+        if self._roots is None:
+            return None
+        st = os.fstat(fd)
+        return self._roots.get((st.st_dev, st.st_ino))
 
     def _push(self, name: str, fd: int) -> None:
-        self._stack.append((name, fd))
+        self._names.append(name)
+        self._marks.append(self._mark(fd) if self._roots is not None else None)
+        self._fds.append(fd)
+        if len(self._fds) > WALK_MAX_FDS:
+            os.close(self._fds.pop(0))
 
-    def _pop(self) -> None:
-        if not self._stack:
+    def _up(self, levels: int) -> None:
+        """Climb ``levels`` directories (a run of ``..``), never above the export root."""
+        if levels > len(self._names):
             raise refused("'..' above the export root")
-        os.close(self._stack.pop()[1])
+        if not levels:
+            return
+        del self._names[len(self._names) - levels:]
+        del self._marks[len(self._marks) - levels:]
+        for _ in range(min(levels, len(self._fds))):
+            os.close(self._fds.pop())
+        if self._names and not self._fds:
+            self._refill(1)
+
+    def _refill(self, want: int) -> None:
+        """Hold descriptors for the deepest ``want`` levels again, walking down from the root by name.
+
+        Each step is ``openat(parent, name, O_NOFOLLOW | O_DIRECTORY)`` from
+        the export root, so whatever a racing process renamed meanwhile, the
+        result is a directory inside the export, or ENOENT.  At most
+        :data:`WALK_MAX_FDS` + 1 descriptors are open at any moment.
+        """
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        keep = max(want, WALK_MAX_FDS)
+        fd = self.root_fd
+        fresh: list[int] = []
+        try:
+            for i, name in enumerate(self._names):
+                try:
+                    fd = self._open_dir(name, fd)
+                except OSError as e:
+                    if e.errno in (errno.ENOTDIR, errno.ELOOP) and self.steps <= MAX_WALK_STEPS:
+                        # Replaced by a file or a symlink since we walked it.
+                        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT)) from None
+                    raise
+                fresh.append(fd)
+                if self._roots is not None:
+                    self._marks[i] = self._mark(fd)
+                if len(fresh) > keep:
+                    os.close(fresh.pop(0))
+        except BaseException:
+            for fd in fresh:
+                os.close(fd)
+            raise
+        self._fds = fresh[-WALK_MAX_FDS:]
+        for fd in fresh[:-WALK_MAX_FDS]:
+            os.close(fd)
 
     def _reset(self) -> None:
-        while self._stack:
-            os.close(self._stack.pop()[1])
+        """Back to the export root (an absolute symlink restarts there)."""
+        self._up(len(self._names))
 
     def close(self) -> None:
         """Close the walk's descriptors and unpin the export root."""
         if self._closed:
             return
         self._closed = True
-        self._reset()
-        self.export.release()
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+        self.export.release(self.root_fd)
 
     def __enter__(self) -> Resolved:
         return self
@@ -170,26 +280,31 @@ class Jail:
             raise refused("no *at system calls on this platform")
         export, parts = self.exports.find(self.exports.normalize(path))
         root_fd = export.acquire()
-        res = Resolved(export, root_fd)
+        roots = self.exports.roots()
+        res = Resolved(export, root_fd, roots)
         try:
             self._walk(res, parts, follow_last)
-            res.read_only = self._read_only(res)
+            res.read_only = self._read_only(res, roots)
         except BaseException:
             res.close()
             raise
         return res
 
-    def _read_only(self, res: Resolved) -> bool:
-        """The innermost export the walk went through decides (identified by inode)."""
-        roots = self.exports.roots()
+    @staticmethod
+    def _read_only(res: Resolved, roots: dict[tuple[int, int], bool]) -> bool:
+        """The innermost export the walk went through decides (identified by inode).
+
+        The walk marked each directory that is an export root as it entered
+        it (it no longer holds every level's descriptor to look afterwards).
+        """
         if len(roots) <= 1:
             return res.export.read_only
-        for fd in [fd for _, fd in reversed(res._stack)] + [res.root_fd]:
-            st = os.fstat(fd)
-            ro = roots.get((st.st_dev, st.st_ino))
-            if ro is not None:
-                return ro
-        return res.export.read_only
+        for mark in reversed(res.read_only_marks()):
+            if mark is not None:
+                return mark
+        st = os.fstat(res.root_fd)
+        ro = roots.get((st.st_dev, st.st_ino))
+        return ro if ro is not None else res.export.read_only
 
     def _walk(self, res: Resolved, parts: list[str], follow_last: bool) -> None:
         pending = list(reversed(parts))  # a stack: pending[-1] is the next component
@@ -199,7 +314,11 @@ class Jail:
             if name in ("", "."):
                 continue
             if name == "..":
-                res._pop()
+                # A run of ".." climbs at once: one re-walk at most, not one per step.
+                levels = 1
+                while pending and pending[-1] in ("", ".", ".."):
+                    levels += pending.pop() == ".."
+                res._up(levels)
                 continue
             if len(os.fsencode(name)) > MAX_NAME_BYTES:
                 raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
@@ -208,8 +327,10 @@ class Jail:
                 res.name = name
                 return
             try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=res.dir_fd)
+                fd = res._open_dir(name, res.dir_fd)
             except OSError as e:
+                if res.steps > MAX_WALK_STEPS:
+                    raise
                 if e.errno == errno.ENOENT and last:
                     res.name = name  # to be created
                     return
@@ -285,7 +406,7 @@ class Jail:
                     depth += 1
             start = res.components[:-1]
             walk = target.split("/")
-        probe = Resolved(res.export, res.export.acquire())
+        probe = Resolved(res.export, res.export.acquire(), self.exports.roots())
         try:
             self._walk(probe, start + walk, follow_last=True)
         except PermissionError:

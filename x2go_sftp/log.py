@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
@@ -203,3 +205,67 @@ def tagged(logger: LoggerLike | None, tag: str, loglevel: int = loglevel_DEFAULT
     if isinstance(logger, TaggedLogger):
         return TaggedLogger(logger.wrapped, tag, loglevel)
     return TaggedLogger(logger, tag, loglevel)
+
+
+# Rate limits for lines a remote peer can provoke (bad packets, backend errors).
+# The burst is the Linux kernel's printk_ratelimit() (DEFAULT_RATELIMIT_BURST
+# 10); the window is longer than the kernel's 5 s because one client can repeat
+# a bad request forever.  sshd does the same for its own flood: it logs
+# "beginning MaxStartups throttling" once, not each dropped connection.
+LOG_BURST = 10
+LOG_INTERVAL = 60.0
+
+
+class RateLimiter:
+    """At most ``burst`` events per ``interval`` seconds; counts the ones it refuses.
+
+    A fixed window, thread-safe (and gevent-safe: the lock is held for a few
+    operations, never across I/O).  Share one instance among everything that
+    logs the same kind of event, so many sessions cannot multiply the budget.
+
+    Args:
+        burst: events allowed per window.
+        interval: the window, in seconds of ``time.monotonic()``.
+    """
+
+    def __init__(self, burst: int = LOG_BURST, interval: float = LOG_INTERVAL):
+        self.burst = burst
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._window_start = -interval  # the first event opens a window
+        self._count = 0
+        self._suppressed = 0
+
+    def allow(self) -> tuple[bool, int]:
+        """Ask for one event.
+
+        Returns:
+            ``(allowed, suppressed)``: whether to emit it, and how many events
+            were refused since the last allowed one (to report with it).
+        """
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window_start >= self.interval:
+                self._window_start = now
+                self._count = 0
+            if self._count >= self.burst:
+                self._suppressed += 1
+                return False, 0
+            self._count += 1
+            suppressed, self._suppressed = self._suppressed, 0
+            return True, suppressed
+
+
+def limited(logger: LoggerLike, limiter: RateLimiter, msg: str, loglevel: int) -> bool:
+    """Log ``msg`` through ``logger`` if ``limiter`` allows; True if it was logged.
+
+    The first line after a quiet spell says how many similar lines were
+    dropped, so nothing is lost silently.
+    """
+    allowed, suppressed = limiter.allow()
+    if not allowed:
+        return False
+    if suppressed:
+        msg = f"{msg} ({suppressed} similar messages suppressed)"
+    logger(msg, loglevel=loglevel)
+    return True

@@ -14,6 +14,8 @@ from paramiko.sftp import (
     SFTP_PERMISSION_DENIED,
 )
 
+from .budget import EXHAUSTED_MESSAGE
+
 # errno -> SFTP v3 status.  OpenSSH's sftp-server (errno_to_portable) maps
 # ENOENT, ENOTDIR, EBADF and ELOOP to NO_SUCH_FILE, EPERM/EACCES/EFAULT to
 # PERMISSION_DENIED, ENOSYS to OP_UNSUPPORTED and everything else to FAILURE;
@@ -25,6 +27,11 @@ from paramiko.sftp import (
 _NO_SUCH_FILE = {errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EFAULT}
 _UNSUPPORTED = {errno.ENOSYS}
+
+# Texts that say more than strerror() where it matters to the user: EMFILE is
+# the per-process limit (the kernel's, or budget.handle_fds), shared by every
+# session, so the client should not look for the cause in its own session.
+_MESSAGES = {errno.EMFILE: EXHAUSTED_MESSAGE}
 
 
 class Status(int):
@@ -72,5 +79,5 @@ def from_oserror(e: OSError) -> Status:
     of an outside path reads the same whether or not that path exists.
     """
     err = e.errno
-    text = os.strerror(err) if err else (str(e) or "Failure")
+    text = (_MESSAGES.get(err) or os.strerror(err)) if err else (str(e) or "Failure")
     return Status(code_for_errno(err), text)
