@@ -1,0 +1,74 @@
+"""CI's short seeded batch of the SFTP fuzzer (``tests/fuzz_sftp.py``).
+
+One run of a few thousand malformed and mutated packets, through the real
+tunnel (paramiko client -> in-process X2Go server -> X2GoRevFwTunnelToSFTP ->
+inner SSH server -> engine -> jail), in two batches; the tests below read its
+report.  The long run is ``python -m tests.fuzz_sftp --seed N --packets 1000000``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fuzz_sftp import Fuzzer, Places, Report, packet_stream
+
+SEED = 11
+# Two batches, so the checks after a batch run twice (the second on a server
+# that has already served a batch) and every type byte comes up (about 10 % of
+# packets walk the 256 type bytes in turn).
+PACKETS = 4000
+BATCH = 2000
+
+
+@pytest.fixture(scope="module")
+def report() -> Iterator[Report]:
+    yield Fuzzer(SEED, PACKETS, BATCH).run()
+
+
+def test_the_batch_ran_what_it_claims(report: Report) -> None:
+    """Guards the other tests: the packets went out and the server was exercised."""
+    assert report.packets >= PACKETS
+    assert report.batches == 2
+    assert len(report.types_sent) == 256, sorted(set(range(256)) - report.types_sent)
+    assert report.answered > 0.9 * report.packets
+    # Refusals of several kinds and successes: the requests reached the backend.
+    for status in ("OK", "BAD_MESSAGE", "PERMISSION_DENIED", "NO_SUCH_FILE", "OP_UNSUPPORTED", "FAILURE"):
+        assert report.statuses[status] > 0, report.statuses
+    for kind in ("valid", "mutated", "type", "handle", "attrs", "path", "ext", "numbers", "lie", "limit"):
+        assert report.kinds[kind] > 0, report.kinds
+    assert sum(report.expected_closes.values()) > 0, "no session ended on a protocol violation"
+
+
+def test_no_crash_and_no_hang(report: Report) -> None:
+    assert not report.thread_crashes, report.thread_crashes[:3]
+    assert not report.error_lines, report.error_lines[:3]
+    assert not report.hangs, report.hangs[:3]
+    assert not report.unexpected_closes, report.unexpected_closes[:3]
+    assert not report.anomalies, report.anomalies[:3]
+    assert not report.connections_lost, report.connections_lost[:3]
+
+
+def test_no_internal_error_replies(report: Report) -> None:
+    """Bad input gets a precise status, never the engine's catch-all "Internal error"."""
+    assert not report.internal_errors, (dict(report.internal_error_kinds), report.internal_errors[:3])
+
+
+def test_no_leak_and_sessions_still_answer(report: Report) -> None:
+    assert not report.leaks, report.leaks
+    assert not report.fresh_failures, report.fresh_failures
+    assert not report.foreign_failures, report.foreign_failures
+
+
+def test_nothing_outside_the_export_changed_or_leaked(report: Report) -> None:
+    assert not report.outside_changes, report.outside_changes[:5]
+    assert report.secret_leaks == 0
+
+
+def test_one_seed_one_stream() -> None:
+    """The generator is a function of the seed (and the handles it is given): no clock, no hash order."""
+    places = Places.for_sandbox(b"/base", b"/base/export", b"/base/ro")
+    first = list(packet_stream(SEED, places, 3, 300))
+    assert first == list(packet_stream(SEED, places, 3, 300))
+    assert first != list(packet_stream(SEED + 1, places, 3, 300))
