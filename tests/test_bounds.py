@@ -46,6 +46,8 @@ from tests.test_engine import (
     READ,
     READDIR,
     REALPATH,
+    RENAME,
+    RMDIR,
     SETSTAT,
     STAT,
     STATUS,
@@ -549,3 +551,61 @@ def test_an_export_replaced_by_a_file_or_removed_is_refused(raw: RawSFTP, export
     st = raw.attrs_of(STAT, s(P(export_dir, "hello.txt")))
     assert isinstance(st, dict) and st["size"] == 6
 
+
+def test_a_nested_read_only_export_that_follows_its_path_stays_read_only_through_the_outer_one(
+        make_tunnel: Callable[..., Any], session_key: paramiko.RSAKey, tmp_path: Path) -> None:
+    outer = tmp_path / "outer"
+    inner = outer / "inner"
+    inner.mkdir(parents=True)
+    os.symlink("inner", outer / "link")  # reaches the read-only export through the writable one
+    tunnel = make_tunnel([str(outer), (str(inner), True)])
+    transport, raw = open_raw(tunnel.server_port, session_key)
+    try:
+        raw.init()
+        assert _open_status(raw, str(outer / "link" / "x"))[0] == FX_NO_SUCH_FILE  # the walk works
+        # The local user puts a new folder at the read-only export's path; the first
+        # request after it reaches the new folder through the outer export's symlink.
+        inner.rename(outer / "old-inner")
+        inner.mkdir()
+        assert raw.status(OPEN, s(str(outer / "link" / "new")) + u32(F_WRITE | F_CREAT) + attrs()) == (
+            FX_PERMISSION_DENIED, "Permission denied")
+        assert not (inner / "new").exists()
+        # The folder that was moved away is an ordinary folder of the outer export now.
+        w = raw.open(str(outer / "old-inner" / "w"), F_WRITE | F_CREAT)
+        raw.close(w)
+    finally:
+        transport.close()
+
+
+
+def test_the_remote_side_cannot_move_an_export_or_a_folder_holding_one(
+        make_tunnel: Callable[..., Any], session_key: paramiko.RSAKey, tmp_path: Path) -> None:
+    """Else it could move a nested read-only export away, make a folder at its path
+    (the export follows it), and write the old contents through the writable export."""
+    outer = tmp_path / "outer"
+    inner = outer / "sub" / "inner"
+    inner.mkdir(parents=True)
+    (inner / "keep.txt").write_text("keep\n")
+    empty = outer / "empty-ro"
+    empty.mkdir()
+    os.symlink("sub", outer / "via")  # names the folders by a path no export is called
+    os.symlink(".", outer / "here")
+    tunnel = make_tunnel([str(outer), (str(inner), True), (str(empty), True)])
+    transport, raw = open_raw(tunnel.server_port, session_key)
+    denied = (FX_PERMISSION_DENIED, "Permission denied")
+    try:
+        raw.init()
+        for old, new in ((outer / "sub", outer / "sub2"), (outer / "via" / "inner", outer / "moved"),
+                         (outer / "here" / "empty-ro", outer / "moved")):
+            assert raw.status(RENAME, s(str(old)) + s(str(new))) == denied
+            assert raw.ext_status("posix-rename@openssh.com", s(str(old)) + s(str(new))) == denied
+        assert raw.status(RMDIR, s(str(outer / "here" / "empty-ro"))) == denied
+        # posix-rename over an (empty) export root would put another folder at its path.
+        (outer / "decoy").mkdir()
+        assert raw.ext_status("posix-rename@openssh.com", s(str(outer / "decoy")) + s(str(outer / "here" / "empty-ro"))) == denied
+        assert inner.is_dir() and empty.is_dir() and (inner / "keep.txt").read_text() == "keep\n"
+        # Ordinary folders of the outer export still move.
+        assert raw.status(RENAME, s(str(outer / "decoy")) + s(str(outer / "decoy2"))) == (FX_OK, "Success")
+        assert raw.status(RMDIR, s(str(outer / "decoy2"))) == (FX_OK, "Success")
+    finally:
+        transport.close()

@@ -477,8 +477,29 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
     def rmdir(self, path: str) -> int:
         with self._resolve_named(path) as res:
             _check_writable(res)
+            self._refuse_export_roots(res)
             os.rmdir(res.leaf, dir_fd=res.dir_fd)  # never recursive
             return OK
+
+    def _refuse_export_roots(self, res: Resolved) -> None:
+        """EACCES if ``res`` names a directory that is, or holds, an export's root.
+
+        Exports follow their path (exports.Export.follow).  If the remote side
+        could move a read-only export nested in a writable one (or a folder
+        above it) and make a new folder at its path, the export would follow
+        to the new folder and the old one, reached through the writable
+        export, would be writable.  So, as the root of its own export already
+        is, every export root and every folder on an export's path is fixed
+        for the remote side: only the local user moves them.
+        """
+        if len(self.exports) < 2 or res.name is None:
+            return
+        try:
+            st = os.stat(res.name, dir_fd=res.dir_fd, follow_symlinks=False)
+        except OSError:
+            return  # nothing there (yet): the operation itself will say so
+        if stat_mod.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) in self.exports.fixed_dirs():
+            raise refused("an exported folder or a folder holding one")
 
     def _two_names(self, oldpath: str, newpath: str) -> tuple[Resolved, Resolved]:
         old = self._resolve_named(oldpath)
@@ -491,10 +512,15 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
             old.close()
             new.close()
             raise OSError(errno.EXDEV, "source and target are in different exports")
-        if old.read_only or new.read_only:
+        try:
+            if old.read_only or new.read_only:
+                raise refused("read-only export")
+            self._refuse_export_roots(old)
+            self._refuse_export_roots(new)  # posix-rename would replace an empty one
+        except BaseException:
             old.close()
             new.close()
-            raise refused("read-only export")
+            raise
         return old, new
 
     @_status_on_error

@@ -202,7 +202,7 @@ class Export:
         """
         if not self._active:
             raise PermissionError(errno.EACCES, "export removed")
-        self._follow()
+        self.follow()
         with self._lock:
             if not self._active:
                 raise PermissionError(errno.EACCES, "export removed")
@@ -210,13 +210,16 @@ class Export:
             self._pins[fd] = self._pins.get(fd, 0) + 1
             return fd
 
-    def _follow(self) -> None:
+    def follow(self) -> None:
         """Point the root descriptor at the directory the exported path names now.
 
         One ``stat`` of the path per request; only a changed identity costs an
         ``open``.  The local user's own path is followed as when the export
         was added (symlinks in it included): that is the user's choice of
         what to share, not the remote side's.
+
+        Raises:
+            FileNotFoundError: ENOENT while the path names no directory.
         """
         try:
             st = os.stat(self.local_path)
@@ -366,14 +369,52 @@ class Exports:
             raise PermissionError(errno.EACCES, "name Windows would reinterpret")
         return best, below
 
+    def fixed_dirs(self) -> set[tuple[int, int]]:
+        """Identities of every export's root and of each directory on its path.
+
+        The remote side may not move or remove these (backend refuses), so an
+        export can only be redirected by the local user (see Export.follow).
+        One ``stat`` per component of each exported path; asked only when a
+        directory is about to be renamed or removed.
+        """
+        with self._lock:
+            exports = list(self._exports)
+        out: set[tuple[int, int]] = set()
+        for export in exports:
+            out.add(export.root_id)
+            path = export.local_path
+            while True:
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    pass
+                else:
+                    out.add((st.st_dev, st.st_ino))
+                parent = os.path.dirname(path)
+                if parent == path:
+                    break
+                path = parent
+        return out
+
     def roots(self) -> dict[tuple[int, int], bool]:
         """Root identity ``(st_dev, st_ino)`` -> read-only, for every active export.
 
         A directory exported twice (under two names) is read-only if either
-        export is: the stricter rule wins.
+        export is: the stricter rule wins.  With several exports each one first
+        follows its path (one ``stat`` each), so a read-only export whose path
+        now names a new directory is recognised as that directory when a walk
+        through another export reaches it.  A missing path keeps its last
+        identity: stricter, never looser.
         """
-        out: dict[tuple[int, int], bool] = {}
         with self._lock:
-            for export in self._exports:
-                out[export.root_id] = out.get(export.root_id, False) or export.read_only
+            exports = list(self._exports)
+        if len(exports) > 1:
+            for export in exports:
+                try:
+                    export.follow()
+                except OSError:
+                    pass
+        out: dict[tuple[int, int], bool] = {}
+        for export in exports:
+            out[export.root_id] = out.get(export.root_id, False) or export.read_only
         return out
