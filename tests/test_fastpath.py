@@ -383,3 +383,142 @@ def recv_exact(chan: paramiko.Channel, n: int) -> bytes:
         assert chunk, "channel closed"
         out += chunk
     return out
+
+
+# -- failing safe --------------------------------------------------------------------------
+
+def test_the_fast_path_needs_gcm_by_name(monkeypatch: pytest.MonkeyPatch, tunnel: Any, session_key: Any,
+                                         export_dir: str, flog: FastLog) -> None:
+    """AES-GCM negotiated, but not under a name the fast path knows: paramiko carries the data."""
+    monkeypatch.setattr(fastpath, "FAST_CIPHERS", frozenset({"aes256-gcm@openssh.com"}))
+    transport, sftp = sftp_client(tunnel.server_port, session_key, current_local_user())
+    try:
+        if HAS_GCM:
+            assert transport.remote_cipher == "aes128-gcm@openssh.com"
+        roundtrip(sftp, export_dir + "/k.bin", 1 << 20)
+    finally:
+        transport.close()
+    (stats,) = flog.wait()
+    assert stats == {"stretches": 0, "packets_in": 0, "packets_out": 0, "handed_back": 0, "rekeys": 0}
+
+
+def test_aes256_gcm_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch, tunnel: Any, session_key: Any,
+                                        export_dir: str, flog: FastLog) -> None:
+    monkeypatch.setattr(tuning, "PREFERRED_CIPHERS", ("aes256-gcm@openssh.com",))
+    transport, sftp = sftp_client(tunnel.server_port, session_key, current_local_user())
+    try:
+        roundtrip(sftp, export_dir + "/l.bin", 1 << 20)
+    finally:
+        transport.close()
+    (stats,) = flog.wait()
+    if fast(stats):
+        assert transport.remote_cipher == "aes256-gcm@openssh.com"
+        assert stats["stretches"] >= 1 and stats["packets_out"] >= 30
+
+
+@pytest.mark.parametrize("hook", ["may_take_over", "offer"])
+def test_a_failing_hook_switches_the_fast_path_off_not_the_connection(
+        monkeypatch: pytest.MonkeyPatch, hook: str, client: Any, export_dir: str, flog: FastLog,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a hook paramiko's thread runs (from its third call on): paramiko reads on."""
+    calls = []
+    original = getattr(fastpath.SessionIO, hook)
+
+    def failing(self: Any) -> bool:
+        calls.append(1)
+        if len(calls) >= 3:
+            raise RuntimeError(f"bug in {hook}")
+        return bool(original(self))
+
+    monkeypatch.setattr(fastpath.SessionIO, hook, failing)
+    transport, sftp = client
+    for i in range(4):
+        roundtrip(sftp, f"{export_dir}/m{i}.bin", 1 << 20)
+        # paramiko must answer this: the fast path hands back, and paramiko asks the hooks again
+        assert transport.global_request("keepalive@openssh.com", wait=True) is None
+    assert transport.is_active()
+    transport.close()
+    (stats,) = flog.wait()
+    if HAS_GCM:
+        assert len(calls) >= 3
+        off = [r.getMessage() for r in caplog.records if "fast path off" in r.getMessage()]
+        assert len(off) == 1 and f"bug in {hook}" in off[0]
+    else:
+        fast(stats)
+
+
+class KexWatch:
+    """Message types a client receives, in order: to check what the server sent during a key exchange."""
+
+    def __init__(self, transport: paramiko.Transport):
+        self.types: list[int] = []
+        pk = transport.packetizer
+        read = pk.read_message
+
+        def recording() -> Any:
+            ptype, m = read()
+            self.types.append(ptype)
+            return ptype, m
+
+        pk.read_message = recording
+
+    def violations(self) -> list[int]:
+        """Non-kex messages between a server KEXINIT (after the first) and its NEWKEYS (RFC 4253 7.1)."""
+        bad, in_kex, seen = [], False, 0
+        for t in self.types:
+            if t == 20:
+                seen += 1
+                in_kex = seen > 1
+            elif t == 21:
+                in_kex = False
+            elif in_kex and t not in (1, 2, 3, 4) and not 30 <= t <= 49:
+                bad.append(t)
+        return bad
+
+
+def test_no_data_is_sent_once_a_key_exchange_began(make_tunnel: Callable[..., X2GoRevFwTunnelToSFTP],
+                                                   session_key: Any, export_dir: str, flog: FastLog) -> None:
+    """The server starts key exchanges while the fast path streams a large read: after its KEXINIT
+    only key exchange messages may follow until NEWKEYS; the data waits and arrives intact."""
+    tunnel = make_tunnel([export_dir], logger=flog)
+    sock = socket.create_connection(("127.0.0.1", tunnel.server_port))
+    transport = paramiko.Transport(sock)
+    watch = KexWatch(transport)
+    data = os.urandom(8 << 20)
+    with open(export_dir + "/n.bin", "wb") as f:
+        f.write(data)
+    try:
+        transport.start_client()
+        transport.auth_publickey(current_local_user(), session_key)
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        assert sftp is not None
+        (thread,) = list(tunnel.open_channels.values())
+        server = thread.inner_transport
+        errors: list[BaseException] = []
+        got = bytearray()
+        with sftp.open(export_dir + "/n.bin", "rb") as f:
+            f.prefetch()
+            while len(got) < len(data):
+                chunk = f.read(256 * 1024)
+                assert chunk
+                got += chunk
+                if len(got) % (1 << 20) < 256 * 1024:  # about every MiB, the server rekeys (from a thread)
+                    t = threading.Thread(target=lambda: _rekey(server, errors))
+                    t.start()
+                    t.join(30)
+        assert bytes(got) == data
+        assert not errors
+        assert watch.types.count(20) >= 5  # the exchanges happened
+        assert watch.violations() == []
+    finally:
+        transport.close()
+    (stats,) = flog.wait()
+    if fast(stats):
+        assert stats["stretches"] >= 2
+
+
+def _rekey(server: paramiko.Transport, errors: list[BaseException]) -> None:
+    try:
+        server.renegotiate_keys()
+    except BaseException as e:  # noqa: B036  (reported to the test's thread)
+        errors.append(e)
