@@ -415,6 +415,8 @@ def test_mountpoint_not_empty(run_share: Callable[..., Command], remote_user: Re
     occupied = remote_user.home / "x2go-sftp" / "beta"
     occupied.mkdir(parents=True)
     (occupied / "mine.txt").write_text("the user's own file\n")
+    for p in (occupied.parent, occupied, occupied / "mine.txt"):
+        os.chown(p, remote_user.uid, remote_user.gid)
     try:
         rc, _, err = run_share(dest(), str(a), str(b)).finish()
         assert rc == 2 and f"the mountpoint 127.0.0.1:{occupied} is not empty" in err, err

@@ -437,7 +437,10 @@ class Share:
             missing.append(p)
             p = posixpath.dirname(p)
         for d in reversed(missing):
-            self._sftp.mkdir(d, mode)
+            try:
+                self._sftp.mkdir(d, mode)
+            except OSError as e:
+                raise ShareError(f"cannot make the folder {self.host}:{d}: {e.strerror or e}") from e
             self._created_dirs.append(d)
 
 
