@@ -110,6 +110,10 @@ HANG_DEADLINE = 60.0
 # is 5 s each) under load; the wait ends as soon as they are back.
 SETTLE_DEADLINE = 60.0
 
+# Once the threads are back, descriptors have this long to follow: a transport
+# closes its socket before its thread returns, so this is only slack.
+FD_SETTLE_DEADLINE = 5.0
+
 # RSS may end a batch this far above its baseline: CPython's allocator keeps
 # freed arenas, and paramiko's buffers reach the 2 MiB channel window.  A
 # leak of one buffer per request (1,000 requests x 64 KiB) exceeds it.
@@ -229,6 +233,7 @@ class Packet:
     expect: str = "reply"
     rid: int | None = None
     reason: str = ""
+    must_fail: bool = False  # names a place outside the exports: any success is an escape
 
     @property
     def type_byte(self) -> int | None:
@@ -267,6 +272,11 @@ class Places:
     hostile: list[bytes] = field(default_factory=list)
     weird: list[bytes] = field(default_factory=list)
     link_targets: list[bytes] = field(default_factory=list)
+    # Outside the exports by their text alone (relative ones from the home,
+    # the writable export): whatever the fuzz did inside, no request on them may succeed.
+    outside: set[bytes] = field(default_factory=set)
+    # Requests through the links fill_export plants, that must fail on a fresh export.
+    escapes: list[tuple[int, bytes]] = field(default_factory=list)
 
     @classmethod
     def for_sandbox(cls, base: bytes, export: bytes, ro: bytes) -> Places:
@@ -289,6 +299,32 @@ class Places:
             b"up/outside/secret.txt", b"loop", b"loop/x", b"sub/up2/outside", export + b"/../outside/secret.txt",
             export + b"/../sibling.txt", b"~/../outside", b"%2e%2e/outside/secret.txt", b"..\\outside",
             b"/windrive/c/x", b"/uncpath/h/s",
+        ]
+        p.outside = {
+            outside + b"/secret.txt", outside, outside + b"/dir/inner.txt", outside + b"/link",
+            base + b"/sibling.txt", base + b"/export-evil/secret.txt", export + b"-evil/secret.txt", base,
+            base + b"/", b"/", b"/etc/passwd", b"/etc", b"/proc/self/environ", b"/proc/self/fd/0",
+            b"/proc/self/root" + outside, b"..", b"../outside/secret.txt", b"../../../../../../etc/passwd",
+            b"sub/../../outside/secret.txt", b"./../export-evil", export + b"/../outside/secret.txt",
+            export + b"/../sibling.txt", b"/windrive/c/x", b"/uncpath/h/s",
+        }
+        assert p.outside <= set(p.hostile)
+        read = _U32.pack(PF_READ) + _U32.pack(0)
+        write = _U32.pack(PF_WRITE | PF_CREAT | PF_TRUNC) + _U32.pack(0)
+        p.escapes = [
+            *[(OPEN, _s(name) + read) for name in (b"abs", b"out/secret.txt", b"up/outside/secret.txt",
+                                                   b"sub/up2/outside/secret.txt", b"rolink/ro.txt", b"chain/../abs")],
+            (OPEN, _s(b"abs") + write), (OPEN, _s(b"out/secret.txt") + write),
+            *[(OPENDIR, _s(name)) for name in (b"out", b"up", b"sub/up2", b"rolink", b"out/dir")],
+            *[(STAT, _s(name)) for name in (b"abs", b"out", b"up/sibling.txt", b"rolink")],
+            (SETSTAT, _s(b"abs") + _U32.pack(A_PERM) + _U32.pack(0o600)),
+            (REALPATH, _s(b"out/secret.txt")),
+            (EXTENDED, _s(b"statvfs@openssh.com") + _s(b"out")),
+            (EXTENDED, _s(b"hardlink@openssh.com") + _s(b"out/secret.txt") + _s(b"n0")),
+            (RENAME, _s(b"out/secret.txt") + _s(b"n1")),
+            (REMOVE, _s(b"out/secret.txt")),
+            (MKDIR, _s(b"out/newdir") + _U32.pack(0)),
+            (SYMLINK, _s(b"up/outside/secret.txt") + _s(b"n2")),
         ]
         long_name = b"x" * 255
         p.weird = [
@@ -664,7 +700,10 @@ class Generator:
             "expand-path": (EXTENDED, [("str", b"expand-path@openssh.com"), ("str", bad)]),
         }
         t, fields = table[op]
-        return frame_body(f"path:{op}", self.body(t, fields))
+        p = frame_body(f"path:{op}", self.body(t, fields))
+        # A relative symlink target is read from the link's directory, which may be below the home.
+        p.must_fail = bad in self.p.outside and (op != "SYMLINK-out" or bad.startswith(b"/"))
+        return p
 
     def make_extension(self) -> Packet:
         """Known extensions with garbage arguments, unknown names with anything."""
@@ -949,6 +988,7 @@ class Report:
     internal_errors: list[str] = field(default_factory=list)
     internal_error_kinds: Counter[str] = field(default_factory=Counter)
     hangs: list[str] = field(default_factory=list)
+    escapes: list[str] = field(default_factory=list)
     anomalies: list[str] = field(default_factory=list)
     connections_lost: list[str] = field(default_factory=list)
     secret_leaks: int = 0
@@ -974,7 +1014,7 @@ class Report:
     def failures(self) -> list[str]:
         """Every finding that makes the run fail, one line each."""
         out = []
-        for name in ("unexpected_closes", "internal_errors", "hangs", "anomalies", "connections_lost",
+        for name in ("escapes", "unexpected_closes", "internal_errors", "hangs", "anomalies", "connections_lost",
                      "fresh_failures", "foreign_failures", "outside_changes", "leaks", "thread_crashes",
                      "error_lines"):
             items = getattr(self, name)
@@ -1007,6 +1047,7 @@ class Report:
             f"{len(self.error_lines)} ERROR log lines; client side: {len(self.client_error_lines)})",
             f"hangs: {len(self.hangs)}",
             f"anomalies (reply id/type/order): {len(self.anomalies)}; connections lost: {len(self.connections_lost)}",
+            f"escapes (a request on a place outside that succeeded): {len(self.escapes)}; "
             f"secret bytes in replies: {self.secret_leaks}; fresh-session failures: {len(self.fresh_failures)}; "
             f"other-session failures: {len(self.foreign_failures)}; outside changes: {len(self.outside_changes)}",
             f"leaks: {len(self.leaks)}",
@@ -1019,7 +1060,7 @@ class Report:
         if self.warnings:
             lines.append("library warnings: " + str(dict(self.warnings.most_common(10))))
         lines.append(f"stream digest (seed + handles -> bytes): {self.digest}")
-        for name in ("internal_errors", "unexpected_closes", "hangs", "anomalies", "connections_lost",
+        for name in ("escapes", "internal_errors", "unexpected_closes", "hangs", "anomalies", "connections_lost",
                      "thread_crashes", "error_lines", "client_error_lines", "leaks", "outside_changes",
                      "fresh_failures", "foreign_failures"):
             for item in getattr(self, name)[:8]:
@@ -1032,9 +1073,9 @@ class Report:
 class Session:
     """One SFTP session on a raw channel (INIT done by :meth:`start`)."""
 
-    def __init__(self, transport: paramiko.Transport):
-        self.chan = transport.open_session(timeout=HANG_DEADLINE)
-        self.chan.settimeout(HANG_DEADLINE)
+    def __init__(self, transport: paramiko.Transport, deadline: float = HANG_DEADLINE):
+        self.chan = transport.open_session(timeout=deadline)
+        self.chan.settimeout(deadline)
         self.chan.invoke_subsystem("sftp")
         self.wire = Wire(self.chan)
         self.rid = 0x40000000  # setup ids, apart from the generator's
@@ -1104,8 +1145,9 @@ def fill_export(export: Path, base: Path, ro: Path) -> None:
 class Rig:
     """The sandbox, the in-process X2Go server, python-x2go's connection and our tunnel."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, deadline: float = HANG_DEADLINE):
         self.base = base
+        self.deadline = deadline
         self.exports = Exports()
         self.sandbox = Sandbox(base, self.exports)
         fill_export(self.sandbox.export, base, self.sandbox.ro)
@@ -1124,13 +1166,13 @@ class Rig:
 
     def connect(self) -> paramiko.Transport:
         """A client connection logged in with the session key."""
-        sock = socket.create_connection(("127.0.0.1", self.tunnel.server_port), timeout=HANG_DEADLINE)
+        sock = socket.create_connection(("127.0.0.1", self.tunnel.server_port), timeout=self.deadline)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(sock)
         self._n += 1
         transport.name = f"{CLIENT_THREAD_PREFIX}-{self._n}"
         try:
-            transport.start_client(timeout=HANG_DEADLINE)
+            transport.start_client(timeout=self.deadline)
             transport.auth_publickey(self.user, self.key)
         except BaseException:
             transport.close()
@@ -1164,12 +1206,15 @@ class Fuzzer:
     """Runs batches of sessions of fuzzed packets and checks the server after each batch."""
 
     def __init__(self, seed: int, packets: int, batch: int = DEFAULT_BATCH, workdir: str | None = None,
-                 progress: Callable[[str], None] | None = None, trace: Any = None):
+                 progress: Callable[[str], None] | None = None, trace: Any = None,
+                 hang_deadline: float = HANG_DEADLINE, settle_deadline: float = SETTLE_DEADLINE):
         self.seed = seed
         self.report = Report(seed, packets, batch)
         self.workdir = workdir
         self.progress = progress or (lambda line: None)
         self.trace = trace  # a text file: one line per packet sent and what came back
+        self.hang_deadline = hang_deadline
+        self.settle_deadline = settle_deadline
         self._digest = hashlib.sha256()
         self._session_no = 0
         self._stale: list[bytes] = []
@@ -1205,6 +1250,8 @@ class Fuzzer:
         rep.replies[TYPE_NAMES.get(t, str(t))] += 1
         if t not in REPLY_TYPES:
             rep.anomalies.append(f"reply type {t} to {p.describe()}")
+        if p.must_fail and (t != STATUS or body[4:8] == b"\0\0\0\0"):
+            rep.escapes.append(f"{TYPE_NAMES.get(t, t)} {body[:64].hex()} to {p.describe(200)}")
         if len(body) < 4 or _U32.unpack_from(body)[0] != p.rid:
             rep.anomalies.append(f"reply id {body[:4].hex()} (want {p.rid}) to {p.describe()}")
             return
@@ -1235,11 +1282,11 @@ class Fuzzer:
             if chunk[-1].expect == "eof":
                 s.chan.shutdown_write()
         except TimeoutError:
-            rep.hangs.append(f"send blocked {HANG_DEADLINE}s; first of chunk: {chunk[0].describe()}")
+            rep.hangs.append(f"send blocked {self.hang_deadline}s; first of chunk: {chunk[0].describe()}")
             return False
         except (OSError, EOFError):
             pass  # the server closed while we sent: the replies below tell where
-        for p in chunk:
+        for i, p in enumerate(chunk):
             try:
                 if p.expect in ("close", "eof"):
                     try:
@@ -1254,7 +1301,11 @@ class Fuzzer:
                 rep.unexpected_closes.append(p.describe(96))
                 return False
             except Hang:
-                rep.hangs.append(p.describe(96))
+                # The engine holds replies while requests wait in its buffer, so
+                # the request that hangs is any of those still unanswered.
+                rest = chunk[i:]
+                rep.hangs.append(f"no reply or close within {self.hang_deadline:.0f} s; {len(rest)} unanswered: "
+                                 + "; ".join(q.describe(64) for q in rest[:12]))
                 return False
             self._check_reply(p, t, body)
         return True
@@ -1266,7 +1317,7 @@ class Fuzzer:
         self._session_no += 1
         g = Generator(rng, self.rig.places, Handles(stale=list(self._stale[-32:]), foreign=list(foreign)),
                       self._type_cursor, self._attr_cursor)
-        s = Session(conn)
+        s = Session(conn, self.hang_deadline)
         rep.sessions += 1
         sent = 0
         try:
@@ -1318,10 +1369,27 @@ class Fuzzer:
 
     # -- one batch -------------------------------------------------------------------------------
     def _foreign(self, conn: paramiko.Transport) -> tuple[Session, list[bytes]]:
-        """Another session, open during the whole batch; its handles are foreign to the fuzzed ones."""
-        s = Session(conn)
+        """Another session, open during the whole batch; its handles are foreign to the fuzzed ones.
+
+        On the freshly filled export it first tries the planted links pointing
+        out (:attr:`Places.escapes`): each must fail; a handle got anyway is
+        read, so that its bytes pass the secret scan.
+        """
+        s = Session(conn, self.hang_deadline)
         s.send(_U32.pack(5) + bytes((INIT,)) + _U32.pack(3))
         s.wire.reply()
+        for t, payload in self.rig.places.escapes:
+            rt, body = s.call(t, payload)
+            if rt != STATUS or body[:4] == b"\0\0\0\0":
+                self.report.escapes.append(f"probe {TYPE_NAMES[t]} {payload[:80]!r} answered "
+                                           f"{TYPE_NAMES.get(rt, rt)} {body[:64].hex()}")
+                if rt == HANDLE:
+                    handle = body[4:4 + _U32.unpack_from(body)[0]]
+                    s.call(READ if t == OPEN else READDIR, _s(handle) + (_U64.pack(0) + _U32.pack(4096)
+                                                                          if t == OPEN else b""))
+                    s.call(CLOSE, _s(handle))
+        if s.wire.secret_seen:
+            self.report.secret_leaks += 1
         handles = [h for h in (s.handle(OPEN, _s(b"hello.txt") + _U32.pack(PF_READ) + _U32.pack(0)),
                                s.handle(OPENDIR, _s(b"sub")),
                                s.handle(OPEN, _s(b"sub/inside.txt") + _U32.pack(PF_READ) + _U32.pack(0))) if h]
@@ -1371,7 +1439,7 @@ class Fuzzer:
             _close_transport(foreign_conn)
         fresh_conn = self._connection(None)
         try:
-            fresh = Session(fresh_conn)
+            fresh = Session(fresh_conn, self.hang_deadline)
             fresh.send(_U32.pack(5) + bytes((INIT,)) + _U32.pack(3))
             fresh.wire.reply()
             self._probe(fresh, "fresh session", rep.fresh_failures)
@@ -1388,9 +1456,9 @@ class Fuzzer:
                                                               max(peak.fds, now.fds))
 
     def _settle(self, threads: set[int | None], fds: dict[int, str], rss: int, label: str) -> None:
-        """Threads joined, descriptors polled back to baseline within SETTLE_DEADLINE; else a leak."""
-        deadline = time.monotonic() + SETTLE_DEADLINE
-        _join_new(threads, deadline)
+        """Threads joined, descriptors polled back to baseline within the settle deadline; else a leak."""
+        _join_new(threads, time.monotonic() + self.settle_deadline)
+        deadline = time.monotonic() + FD_SETTLE_DEADLINE
         pause = threading.Event()
         while len(_fds()) > len(fds) + FD_TOLERANCE and time.monotonic() < deadline:
             pause.wait(0.02)  # descriptors closed by threads that just ended
@@ -1418,7 +1486,7 @@ class Fuzzer:
         base = Path(tempfile.mkdtemp(prefix="x2go-fuzz-") if own_dir else self.workdir)  # type: ignore[arg-type]
         started = time.monotonic()
         with Watch() as watch, _file_size_limit(FILE_SIZE_LIMIT):
-            self.rig = Rig(base)
+            self.rig = Rig(base, self.hang_deadline)
             try:
                 self.rig.sandbox.prime()
                 outside = self.rig.sandbox.snapshot()
@@ -1426,14 +1494,14 @@ class Fuzzer:
                 threads_pre = {t.ident for t in threading.enumerate()}
                 warm = self.rig.connect()
                 try:
-                    s = Session(warm)
+                    s = Session(warm, self.hang_deadline)
                     s.send(_U32.pack(5) + bytes((INIT,)) + _U32.pack(3))
                     s.wire.reply()
                     self._probe(s, "warm-up session", rep.fresh_failures)
                     s.close()
                 finally:
                     _close_transport(warm)
-                _join_new(threads_pre, time.monotonic() + SETTLE_DEADLINE)
+                _join_new(threads_pre, time.monotonic() + self.settle_deadline)
                 threads0 = {t.ident for t in threading.enumerate()}
                 fds0 = _fds()
                 rep.baseline = Resources.now(trim=True)

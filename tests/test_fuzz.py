@@ -20,11 +20,15 @@ SEED = 11
 # packets walk the 256 type bytes in turn).
 PACKETS = 4000
 BATCH = 2000
+# Hang and settle deadlines of this run (the CLI's are 60 s): every packet of it
+# is answered in milliseconds, and a hang or a leak must fail the test within
+# pytest's 120 s timeout (each batch waits out both once at worst).
+DEADLINE = 10.0
 
 
 @pytest.fixture(scope="module")
 def report() -> Iterator[Report]:
-    yield Fuzzer(SEED, PACKETS, BATCH).run()
+    yield Fuzzer(SEED, PACKETS, BATCH, hang_deadline=DEADLINE, settle_deadline=DEADLINE).run()
 
 
 def test_the_batch_ran_what_it_claims(report: Report) -> None:
@@ -62,6 +66,7 @@ def test_no_leak_and_sessions_still_answer(report: Report) -> None:
 
 
 def test_nothing_outside_the_export_changed_or_leaked(report: Report) -> None:
+    assert not report.escapes, report.escapes[:5]
     assert not report.outside_changes, report.outside_changes[:5]
     assert report.secret_leaks == 0
 
