@@ -66,6 +66,13 @@ _DIR_FLAGS = _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 HAVE_AT_CALLS = os.open in os.supports_dir_fd and os.readlink in os.supports_dir_fd
 
 
+class WalkTooLong(OSError):
+    """A lookup that reached :data:`MAX_WALK_STEPS` (ELOOP, as the kernel's answer to a lookup it gives up)."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ELOOP, os.strerror(errno.ELOOP))
+
+
 def refused(why: str = "outside the exported folders") -> PermissionError:
     """The one error every escape attempt gets (EACCES -> SFTP PERMISSION_DENIED)."""
     return PermissionError(errno.EACCES, why)
@@ -127,7 +134,7 @@ class Resolved:
         if len(self._names) < 2:
             return self.root_fd
         if len(self._fds) < 2:
-            self._refill(2)
+            self._refill()
         return self._fds[-2]
 
     @property
@@ -164,7 +171,7 @@ class Resolved:
         """openat(dir_fd, name) as a directory, never through a symlink; counted in :attr:`steps`."""
         self.steps += 1
         if self.steps > MAX_WALK_STEPS:
-            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            raise WalkTooLong()
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
 
     def _mark(self, fd: int) -> bool | None:
@@ -191,10 +198,10 @@ class Resolved:
         for _ in range(min(levels, len(self._fds))):
             os.close(self._fds.pop())
         if self._names and not self._fds:
-            self._refill(1)
+            self._refill()
 
-    def _refill(self, want: int) -> None:
-        """Hold descriptors for the deepest ``want`` levels again, walking down from the root by name.
+    def _refill(self) -> None:
+        """Hold descriptors for the deepest levels again, walking down from the root by name.
 
         Each step is ``openat(parent, name, O_NOFOLLOW | O_DIRECTORY)`` from
         the export root, so whatever a racing process renamed meanwhile, the
@@ -204,30 +211,29 @@ class Resolved:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-        keep = max(want, WALK_MAX_FDS)
         fd = self.root_fd
         fresh: list[int] = []
         try:
             for i, name in enumerate(self._names):
                 try:
                     fd = self._open_dir(name, fd)
+                except WalkTooLong:
+                    raise
                 except OSError as e:
-                    if e.errno in (errno.ENOTDIR, errno.ELOOP) and self.steps <= MAX_WALK_STEPS:
+                    if e.errno in (errno.ENOTDIR, errno.ELOOP):
                         # Replaced by a file or a symlink since we walked it.
                         raise OSError(errno.ENOENT, os.strerror(errno.ENOENT)) from None
                     raise
                 fresh.append(fd)
                 if self._roots is not None:
                     self._marks[i] = self._mark(fd)
-                if len(fresh) > keep:
+                if len(fresh) > WALK_MAX_FDS:
                     os.close(fresh.pop(0))
         except BaseException:
             for fd in fresh:
                 os.close(fd)
             raise
-        self._fds = fresh[-WALK_MAX_FDS:]
-        for fd in fresh[:-WALK_MAX_FDS]:
-            os.close(fd)
+        self._fds = fresh
 
     def _reset(self) -> None:
         """Back to the export root (an absolute symlink restarts there)."""
@@ -328,9 +334,9 @@ class Jail:
                 return
             try:
                 fd = res._open_dir(name, res.dir_fd)
+            except WalkTooLong:
+                raise
             except OSError as e:
-                if res.steps > MAX_WALK_STEPS:
-                    raise
                 if e.errno == errno.ENOENT and last:
                     res.name = name  # to be created
                     return
