@@ -103,6 +103,8 @@ MAX_WRITE_LENGTH = MAX_PACKET_LENGTH - 1024
 # derives its cap from RLIMIT_NOFILE; all our sessions share one process (and
 # its usual 1024 descriptors), so each gets a fixed share.  Reported to clients
 # through limits@openssh.com; the next OPEN/OPENDIR past it fails cleanly.
+# What all sessions hold together is bounded by budget.handle_fds (the
+# backend charges each handle the descriptors it really holds).
 MAX_OPEN_HANDLES = 256
 
 # sshfs (MAX_REPLY_LEN in sshfs.c) drops the whole connection when a reply
