@@ -79,6 +79,10 @@ FORWARD_TIMEOUT = 30.0
 # may arrive just after its output ends (paramiko offers no timed wait for it).
 EXIT_STATUS_POLL = 0.05
 
+# How often a running remote command looks at the caller's cancel event
+# (Ctrl-C during setup): a person waits for the answer.
+CANCEL_POLL = 0.1
+
 # Output kept from one remote command (its tail): error messages are short,
 # and a chatty login script must not grow our memory.
 MAX_COMMAND_OUTPUT = 64 * 1024
@@ -99,6 +103,10 @@ echo "{_MARK} ok $(id -u) $(id -g)"
 
 class ShareError(Exception):
     """A share could not be set up; the message says why and what to do.  Nothing was left behind."""
+
+
+class ShareCancelled(ShareError):
+    """The caller's ``cancel`` event was set during setup; what was done is undone."""
 
 
 @dataclass(frozen=True)
@@ -207,11 +215,13 @@ class Mount:
     attempted: bool = field(default=False, repr=False)
 
 
-def run_remote(transport: paramiko.Transport, command: str, timeout: float = REMOTE_COMMAND_TIMEOUT) -> tuple[int, str]:
+def run_remote(transport: paramiko.Transport, command: str, timeout: float = REMOTE_COMMAND_TIMEOUT,
+               cancel: threading.Event | None = None) -> tuple[int, str]:
     """Run ``command`` on the server (an exec channel); return its exit status and output (stdout + stderr).
 
     Raises:
         ShareError: the server refused the command, or it ran longer than ``timeout``.
+        ShareCancelled: ``cancel`` was set while it ran (its channel is closed).
     """
     deadline = time.monotonic() + timeout
     try:
@@ -229,7 +239,9 @@ def run_remote(transport: paramiko.Transport, command: str, timeout: float = REM
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ShareError(f"a command on the server did not finish within {timeout:.0f} s: {command[:200]}")
-            chan.settimeout(remaining)
+            if cancel is not None and cancel.is_set():
+                raise ShareCancelled("cancelled")
+            chan.settimeout(min(remaining, CANCEL_POLL) if cancel is not None else remaining)
             try:
                 data = chan.recv(32768)
             except TimeoutError:  # socket.timeout, which paramiko raises
@@ -252,9 +264,9 @@ def _sh(script: str) -> str:
     return shlex.join(["/bin/sh", "-c", script])
 
 
-def _check_server(transport: paramiko.Transport, host: str) -> tuple[int, int]:
+def _check_server(transport: paramiko.Transport, host: str, cancel: threading.Event | None) -> tuple[int, int]:
     """Check sshfs and FUSE on the server; return the remote user's uid and gid."""
-    status, out = run_remote(transport, _sh(_CHECK_SCRIPT))
+    status, out = run_remote(transport, _sh(_CHECK_SCRIPT), cancel=cancel)
     answers = [line[len(_MARK):].split() for line in out.splitlines() if line.startswith(_MARK)]
     answer = answers[-1] if answers else []
     if answer[:1] == ["ok"] and len(answer) >= 3 and status == 0:
@@ -355,6 +367,11 @@ class Share:
             for m in self.mounts:
                 if m.tunnel is not None:
                     m.tunnel.join(FORWARD_TIMEOUT)
+            for m in self.mounts:
+                if m.attempted and not m.mounted and connected and self.transport.is_active():
+                    # An sshfs interrupted mid-mount may have finished mounting after the
+                    # first try; with its tunnel gone it is ending, and this catches the rest.
+                    self._unmount(m, quiet=True)
             self._remove_remote_files(connected and self.transport.is_active())
             if self._sftp is not None:
                 try:
@@ -480,6 +497,7 @@ def share(
     username: str | None = None,
     host_key: paramiko.PKey | None = None,
     logger: log.LoggerLike | None = None,
+    cancel: threading.Event | None = None,
 ) -> Share:
     """Mount ``folders`` on the server at the other end of ``transport``; return the :class:`Share`.
 
@@ -494,11 +512,16 @@ def share(
         username: the user name sshfs logs in to our inner server with (default: the local user).
         host_key: our inner server's host key (default: the process's 3072-bit RSA key).
         logger: an X2Go-style logger for the tunnels (default: stdlib logging under ``x2go_sftp.*``).
+        cancel: set it (from a signal handler or another thread) to abandon the
+            setup: checked between steps and while remote commands run; what
+            was done is undone and :class:`ShareCancelled` raised.  Safer than
+            an exception raised into the middle of an SFTP exchange.
 
     Raises:
         ShareError: anything that stops the share (a local folder missing,
             sshfs or FUSE missing on the server, a mountpoint not empty, the
             forward refused, sshfs failing); what was done is undone first.
+        ShareCancelled: ``cancel`` was set.
     """
     items = check_local_folders(folders, read_only)
     if host is None:
@@ -510,7 +533,7 @@ def share(
         logger = StdlibLogger()
     s = Share(transport, host, logger)
     try:
-        _build(s, items, remote_dir, username or current_local_user(), host_key)
+        _build(s, items, remote_dir, username or current_local_user(), host_key, cancel)
     except BaseException as e:
         s.close()
         if isinstance(e, ShareError):
@@ -524,9 +547,15 @@ def share(
 
 
 def _build(s: Share, items: list[tuple[str, bool]], remote_dir: str, username: str,
-           host_key: paramiko.PKey | None) -> None:
+           host_key: paramiko.PKey | None, cancel: threading.Event | None) -> None:
     host, transport = s.host, s.transport
-    uid, gid = _check_server(transport, host)
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.is_set():
+            raise ShareCancelled("cancelled")
+
+    uid, gid = _check_server(transport, host, cancel)
+    check_cancel()
     try:
         s._sftp = paramiko.SFTPClient.from_transport(transport)
     except (paramiko.SSHException, EOFError) as e:
@@ -554,12 +583,14 @@ def _build(s: Share, items: list[tuple[str, bool]], remote_dir: str, username: s
             raise ShareError(f"the mountpoint {host}:{m.mountpoint} is not empty: empty it, or choose "
                              f"another place with --remote-dir")
     for m in s.mounts:
+        check_cancel()
         s._mkdirs(m.mountpoint)
 
     # One tunnel per folder: its sshfs reaches only that folder, and its counters are its own.
     session_key = paramiko.RSAKey.generate(SESSION_KEY_BITS)
     inner_host_key = host_key if host_key is not None else default_host_key()
     for m in s.mounts:
+        check_cancel()
         m.tunnel = X2GoRevFwTunnelToSFTP(
             0, transport, auth_key=session_key, logger=s._logger, exports=[(m.local_dir, m.read_only)],
             host_key=inner_host_key, username=username, session_observer=m.counters)
@@ -570,6 +601,7 @@ def _build(s: Share, items: list[tuple[str, bool]], remote_dir: str, username: s
         m.port = int(m.tunnel.server_port)
 
     # The keys: a fresh 0700 directory in the remote home, files 0600 before anything is written.
+    check_cancel()
     if "," in home:
         raise ShareError(f"the remote home {home!r} holds a comma, which sshfs's -o options cannot carry")
     for _ in range(3):
@@ -603,9 +635,11 @@ def _build(s: Share, items: list[tuple[str, bool]], remote_dir: str, username: s
         tunnel = m.tunnel
         assert tunnel is not None
         export = next(iter(tunnel.exports))
-        _mount(s, m, export.sftp_path, username, uid, gid, key_path, ident_path)
+        check_cancel()
+        _mount(s, m, export.sftp_path, username, uid, gid, key_path, ident_path, cancel)
         s._log(f"{m.local_dir} -> {host}:{m.mountpoint}{' (read-only)' if m.read_only else ''}",
                loglevel=log.loglevel_NOTICE)
+    check_cancel()  # set during the last step: the caller no longer wants the share
 
 
 def _private_key_text(key: paramiko.PKey) -> str:
@@ -626,7 +660,7 @@ def sshfs_command(port: int, username: str, sftp_path: str, mountpoint: str, uid
 
 
 def _mount(s: Share, m: Mount, sftp_path: str, username: str, uid: int, gid: int,
-           key_path: str, ident_path: str) -> None:
+           key_path: str, ident_path: str, cancel: threading.Event | None) -> None:
     argv = sshfs_command(m.port, username, sftp_path, m.mountpoint, uid, gid, key_path, ident_path)
     # sshfs goes to the background once mounted, but the ssh it started keeps
     # its stderr: send that to a file, so the command (and its channel) ends.
@@ -634,7 +668,7 @@ def _mount(s: Share, m: Mount, sftp_path: str, username: str, uid: int, gid: int
     script = f"{shlex.join(argv)} </dev/null >{shlex.quote(out)} 2>&1; rc=$?; cat {shlex.quote(out)}; " \
              f"rm -f {shlex.quote(out)}; exit $rc"
     m.attempted = True
-    status, text = run_remote(s.transport, _sh(script), SSHFS_MOUNT_TIMEOUT)
+    status, text = run_remote(s.transport, _sh(script), SSHFS_MOUNT_TIMEOUT, cancel)
     if status != 0:
         raise ShareError(f"sshfs on {s.host} could not mount {m.mountpoint}: {text.strip()[-800:]}")
     m.mounted = True
@@ -661,6 +695,7 @@ __all__ = [
     "Mount",
     "MountCounters",
     "Share",
+    "ShareCancelled",
     "ShareError",
     "check_local_folders",
     "StdlibLogger",
