@@ -2,6 +2,14 @@
 
     python -m tests.fuzz_sftp --seed N --packets M [--batch K]
 
+As python-x2go runs it, monkey-patched by gevent::
+
+    python -c "from gevent import monkey; monkey.patch_all(); from tests.fuzz_sftp import main; main()" \
+        --seed N --packets M
+
+With ``--dir`` (an empty directory) two runs of one seed send the same bytes;
+without it, the temporary directory's name is part of the absolute paths sent.
+
 The topology is the test suite's (tests/conftest.py): a paramiko client logs
 into a real :class:`~x2go_sftp.X2GoRevFwTunnelToSFTP` through the in-process
 X2Go server (:class:`~x2go_sftp.testing.LoopbackX2GoServer`), with the session
@@ -92,7 +100,7 @@ from typing import Any
 import paramiko
 
 from tests.jail_support import SECRET, Sandbox
-from x2go_sftp import X2GoRevFwTunnelToSFTP
+from x2go_sftp import X2GoRevFwTunnelToSFTP, paramiko_compat
 from x2go_sftp.defaults import current_local_user
 from x2go_sftp.engine import MAX_PACKET_LENGTH, MAX_READ_LENGTH, MAX_WRITE_LENGTH
 from x2go_sftp.exports import MAX_PATH_BYTES, Exports
@@ -1006,6 +1014,7 @@ class Report:
     final: Resources | None = None
     digest: str = ""
     commit: str = ""
+    cipher: str = ""  # negotiated on the inner connection (AES-GCM: the engine reads through fastpath)
 
     @property
     def crashes(self) -> int:
@@ -1029,7 +1038,8 @@ class Report:
         rate = self.packets / self.seconds if self.seconds else 0.0
         lines = [
             f"x2go-sftp fuzz: seed {self.seed}, {self.packets_wanted} packets wanted, batch {self.batch}, "
-            f"commit {self.commit or '?'}, paramiko {paramiko.__version__}, python {sys.version.split()[0]}",
+            f"commit {self.commit or '?'}, paramiko {paramiko.__version__}, python {sys.version.split()[0]}, "
+            f"inner cipher {self.cipher or '?'}",
             f"packets: {self.packets} fuzzed + {self.setup_requests} setup requests, {self.answered} answered; "
             f"{self.sessions} sessions on {self.connections} connections ({self.reconnects} reconnects), "
             f"{self.batches} batches; {self.seconds:.1f} s, {rate:.0f} packets/s",
@@ -1414,7 +1424,9 @@ class Fuzzer:
             self.report.connections_lost.append(f"client connection died: {conn.get_exception()!r}")
             _close_transport(conn)
         self.report.connections += 1
-        return self.rig.connect()
+        conn = self.rig.connect()
+        self.report.cipher = self.report.cipher or "/".join(paramiko_compat.negotiated_ciphers(conn))
+        return conn
 
     def _batch(self, packets: int) -> None:
         rep = self.report
@@ -1469,7 +1481,9 @@ class Fuzzer:
         if len(now) > len(fds) + FD_TOLERANCE:
             new = {fd: target for fd, target in now.items() if fds.get(fd) != target}
             self.report.leaks.append(f"{label}: {len(now) - len(fds)} more descriptors: {dict(list(new.items())[:10])}")
-        current = Resources.now(trim=True).rss
+        # The figures of the last batch's settled process are the run's final ones.
+        self.report.final = Resources.now(trim=True)
+        current = self.report.final.rss
         if current > rss + RSS_TOLERANCE:
             self.report.leaks.append(f"{label}: RSS {current >> 20} MiB, baseline {rss >> 20} MiB")
 
@@ -1521,7 +1535,6 @@ class Fuzzer:
                     self.progress(f"{label}: {rep.packets} packets, {rep.sessions} sessions, "
                                   f"{time.monotonic() - started:.0f} s, RSS {now.rss >> 20} MiB, "
                                   f"{now.threads} threads, {now.fds} fds, failures: {len(rep.failures())}")
-                rep.final = Resources.now(trim=True)
             finally:
                 self.rig.close()
                 rep.seconds = time.monotonic() - started
@@ -1586,11 +1599,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--dir", default=None, help="an empty directory for the sandbox (default: a temporary one)")
     parser.add_argument("--trace", default=None, help="write every packet and its reply to this file")
+    parser.add_argument("--deadline", type=float, default=HANG_DEADLINE,
+                        help=f"seconds for a reply (a hang) and for threads to end (a leak) (default {HANG_DEADLINE:.0f})")
     args = parser.parse_args(argv)
     trace = open(args.trace, "w") if args.trace else None  # noqa: SIM115
     try:
         fuzzer = Fuzzer(args.seed, args.packets, args.batch, args.dir,
-                        progress=lambda line: print(line, file=sys.stderr, flush=True), trace=trace)
+                        progress=lambda line: print(line, file=sys.stderr, flush=True), trace=trace,
+                        hang_deadline=args.deadline, settle_deadline=args.deadline)
         report = fuzzer.run()
     finally:
         if trace is not None:

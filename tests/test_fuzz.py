@@ -8,6 +8,9 @@ report.  The long run is ``python -m tests.fuzz_sftp --seed N --packets 1000000`
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -77,3 +80,19 @@ def test_one_seed_one_stream() -> None:
     first = list(packet_stream(SEED, places, 3, 300))
     assert first == list(packet_stream(SEED, places, 3, 300))
     assert first != list(packet_stream(SEED + 1, places, 3, 300))
+
+
+def test_a_batch_under_gevent() -> None:
+    """python-x2go runs monkey-patched by gevent: the same batch there (in a fresh interpreter)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("from gevent import monkey; monkey.patch_all(); import sys; from tests.fuzz_sftp import main; "
+            "sys.exit(main())")
+    res = subprocess.run(
+        [sys.executable, "-c", code, "--seed", str(SEED), "--packets", str(PACKETS), "--batch",
+         str(BATCH), "--deadline", str(DEADLINE)],
+        capture_output=True, text=True, timeout=110, env=env, cwd=root,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "verdict: OK" in res.stdout
+    assert "type bytes sent: 256/256" in res.stdout
