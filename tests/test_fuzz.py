@@ -9,13 +9,16 @@ report.  The long run is ``python -m tests.fuzz_sftp --seed N --packets 1000000`
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from tests.fuzz_sftp import Fuzzer, Places, Report, packet_stream
+from tests.jail_support import CREATE, EXTENDED, READ, WRITE, RawSFTP, Refused, SFTPClientAPI, _string
 
 SEED = 11
 # Two batches, so the checks after a batch run twice (the second on a server
@@ -96,3 +99,36 @@ def test_a_batch_under_gevent() -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "verdict: OK" in res.stdout
     assert "type bytes sent: 256/256" in res.stdout
+
+
+# -- what the fuzzer's rig turned up ------------------------------------------------------------
+# One copy-data request may write at most this much (the size of a sparse source it
+# copies holes of is not what the client sent: 64 MiB is 256 full WRITEs of sshfs).
+COPY_AMPLIFICATION_LIMIT = 64 * 1024 * 1024
+SPARSE_SOURCE = 256 * 1024 * 1024
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "copy-data with length 0 copies to the source's EOF, holes as zeros: a 1-byte WRITE at offset "
+    "256 MiB - 1 and one copy-data write 256 MiB to disk (1 GiB: 4.7 s of CPU in the shared process; "
+    "ext4 allows 16 TiB sparse files, so the disk fills and the session's thread works for hours). "
+    "OpenSSH's sftp-server does the same, in a process of its own. The fuzzer caps RLIMIT_FSIZE to stay clear of it."))
+def test_one_copy_data_cannot_write_far_more_than_the_client_sent(
+    make_tunnel: Callable[..., Any], connect: Callable[..., Any], export_dir: str
+) -> None:
+    client = connect(make_tunnel([export_dir]))
+    channel = client.get_channel().get_transport().open_session()
+    channel.invoke_subsystem("sftp")
+    api = SFTPClientAPI(RawSFTP(channel), export_dir)
+    src = api.open(export_dir + "/sparse", READ | WRITE | CREATE)
+    api.write(src, SPARSE_SOURCE - 1, b"x")
+    dst = api.open(export_dir + "/copy", WRITE | CREATE)
+    try:
+        api.raw.request(EXTENDED, _string("copy-data") + _string(src) + struct.pack(">QQ", 0, 0) + _string(dst)
+                        + struct.pack(">Q", 0))
+    except Refused:
+        pass  # refusing is one way to keep the bound
+    copy = os.path.join(export_dir, "copy")
+    written = os.stat(copy).st_blocks * 512
+    os.unlink(copy)  # pytest keeps the last runs' directories: do not keep the zeros
+    assert written <= COPY_AMPLIFICATION_LIMIT, f"{written >> 20} MiB written for one copy-data request"
