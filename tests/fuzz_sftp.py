@@ -110,7 +110,8 @@ from x2go_sftp.testing import LoopbackX2GoServer
 # A request with neither a reply nor a close within this many seconds is a hang.
 # OpenSSH's sftp-server has no per-request deadline; the slowest legitimate
 # request we send (copy-data of a FILE_SIZE_LIMIT file, or users-groups-by-id
-# with a full packet of ids, ~5 s of CPU) stays far below it on a loaded 2-core box.
+# with a full packet of ids) takes well under a second, far below this on a
+# loaded 2-core box.
 HANG_DEADLINE = 60.0
 
 # After a batch, threads and descriptors have this long to return to baseline.
@@ -122,9 +123,11 @@ SETTLE_DEADLINE = 60.0
 # closes its socket before its thread returns, so this is only slack.
 FD_SETTLE_DEADLINE = 5.0
 
-# RSS may end a batch this far above its baseline: CPython's allocator keeps
-# freed arenas, and paramiko's buffers reach the 2 MiB channel window.  A
-# leak of one buffer per request (1,000 requests x 64 KiB) exceeds it.
+# RSS may end a batch this far above its baseline: glibc keeps one malloc arena
+# per thread that ever ran (up to 8 per core; measured: +36 MiB over the first
+# batches of a 1,000,000-packet run, flat after, with malloc_trim; flat at +12
+# MiB with MALLOC_ARENA_MAX=2), and paramiko's buffers reach the 2 MiB channel
+# window.  A leak of one buffer per request (1,000 requests x 64 KiB) exceeds it.
 RSS_TOLERANCE = 48 * 1024 * 1024
 
 # Descriptors and threads must come back exactly.
@@ -1213,7 +1216,18 @@ def _close_transport(t: paramiko.Transport | None) -> None:
 
 # -- the driver -----------------------------------------------------------------------------------
 class Fuzzer:
-    """Runs batches of sessions of fuzzed packets and checks the server after each batch."""
+    """Runs batches of sessions of fuzzed packets and checks the server after each batch.
+
+    Args:
+        seed: chooses every packet (with the session's number).
+        packets: fuzzed packets to send in all.
+        batch: packets between two rounds of checks.
+        workdir: an empty directory for the sandbox (default: a temporary one, removed after).
+        progress: called with one line after each batch.
+        trace: a text file that gets one line per packet and its reply.
+        hang_deadline: seconds a request may go without a reply or a close.
+        settle_deadline: seconds the threads have to end after a batch.
+    """
 
     def __init__(self, seed: int, packets: int, batch: int = DEFAULT_BATCH, workdir: str | None = None,
                  progress: Callable[[str], None] | None = None, trace: Any = None,
@@ -1222,7 +1236,7 @@ class Fuzzer:
         self.report = Report(seed, packets, batch)
         self.workdir = workdir
         self.progress = progress or (lambda line: None)
-        self.trace = trace  # a text file: one line per packet sent and what came back
+        self.trace = trace
         self.hang_deadline = hang_deadline
         self.settle_deadline = settle_deadline
         self._digest = hashlib.sha256()
@@ -1499,7 +1513,7 @@ class Fuzzer:
         own_dir = self.workdir is None
         base = Path(tempfile.mkdtemp(prefix="x2go-fuzz-") if own_dir else self.workdir)  # type: ignore[arg-type]
         started = time.monotonic()
-        with Watch() as watch, _file_size_limit(FILE_SIZE_LIMIT):
+        with Watch() as watch, FileSizeLimit(FILE_SIZE_LIMIT):
             self.rig = Rig(base, self.hang_deadline)
             try:
                 self.rig.sandbox.prime()
@@ -1550,7 +1564,7 @@ class Fuzzer:
         return rep
 
 
-class _file_size_limit:
+class FileSizeLimit:
     """RLIMIT_FSIZE for the duration, with SIGXFSZ ignored (a write past it fails with EFBIG)."""
 
     def __init__(self, limit: int):
