@@ -107,7 +107,20 @@ def remote_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteUser
         with contextlib.suppress(StopIteration):
             next(gen)
         if created:
-            subprocess.run(["userdel", "-r", USER], capture_output=True)
+            # userdel refuses while the user still has processes: sshd's sessions end just after sshd.
+            wait_for(lambda: not _processes_of(pw.pw_uid), f"{USER}'s processes to end")
+            res = subprocess.run(["userdel", "-r", USER], capture_output=True, text=True)
+            assert res.returncode in (0, 12), res.stderr  # 12: the home directory was already gone
+
+
+def _processes_of(uid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    pids.append(int(entry))
+    return pids
 
 
 def _user_sshd_config(user: RemoteUser, extra: str = "") -> str:

@@ -202,6 +202,7 @@ class Mount:
         port: the server's loopback port sshfs connects to.
         counters: the live figures of this mount.
         mounted: True while the server has it mounted (as far as we know).
+        tunnel: the :class:`~x2go_sftp.sftpserver.X2GoRevFwTunnelToSFTP` serving this folder alone.
     """
 
     local_dir: str
