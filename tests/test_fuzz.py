@@ -108,11 +108,6 @@ COPY_AMPLIFICATION_LIMIT = 64 * 1024 * 1024
 SPARSE_SOURCE = 256 * 1024 * 1024
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "copy-data with length 0 copies to the source's EOF, holes as zeros: a 1-byte WRITE at offset "
-    "256 MiB - 1 and one copy-data write 256 MiB to disk (1 GiB: 4.7 s of CPU in the shared process; "
-    "ext4 allows 16 TiB sparse files, so the disk fills and the session's thread works for hours). "
-    "OpenSSH's sftp-server does the same, in a process of its own. The fuzzer caps RLIMIT_FSIZE to stay clear of it."))
 def test_one_copy_data_cannot_write_far_more_than_the_client_sent(
     make_tunnel: Callable[..., Any], connect: Callable[..., Any], export_dir: str
 ) -> None:

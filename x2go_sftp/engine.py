@@ -1100,6 +1100,11 @@ class SFTPEngine(paramiko.SFTPServer):
         if getattr(fout, "writable", True) is False:
             self._send_status(request_number, Status(SFTP_PERMISSION_DENIED, "Handle not open for writing"))
             return
+        copy_range = getattr(fin, "copy_range", None)
+        if copy_range is not None and type(fin) is type(fout):
+            # The backend copies by extents (holes stay holes): see backend.FileHandle.copy_range.
+            self._send_status(request_number, copy_range(fout, read_offset, length, write_offset))
+            return
         until_eof = length == 0
         remaining = length
         while until_eof or remaining > 0:
