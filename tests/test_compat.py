@@ -66,10 +66,7 @@ PARAMIKO_CLASSES = (paramiko.Transport, paramiko.Channel, Packetizer, paramiko.b
 
 # Uses in modules this work does not own, to be routed through paramiko_compat by their owners.
 # Each entry must still be needed (the test fails once it is not, so the list only shrinks).
-NOT_YET_ROUTED = {
-    ("backend.py", "_flags"): "SFTPAttributes._flags: paramiko_compat.attr_flags() is ready for it",
-    ("integrate.py", "_write_private_key"): "replaces python-x2go's patch of PKey._write_private_key",
-}
+NOT_YET_ROUTED: dict[tuple[str, str], str] = {}
 
 
 def _private_uses(path: Path) -> set[tuple[str, int]]:

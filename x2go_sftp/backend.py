@@ -24,7 +24,7 @@ import paramiko
 from paramiko.sftp import SFTP_EOF, SFTP_OK
 from paramiko.sftp_attr import SFTPAttributes
 
-from . import budget, log
+from . import budget, log, paramiko_compat
 from .exports import Export, Exports
 from .jail import Jail, Resolved, chmod_nofollow, refused
 from .status import OK, Status, from_oserror
@@ -144,7 +144,7 @@ def _apply_attr_at(dir_fd: int, name: str, attr: SFTPAttributes) -> None:
     a real ``ftruncate`` (paramiko's stock helper reopened the file with "w+",
     which zero-filled it).
     """
-    flags = attr._flags
+    flags = paramiko_compat.attr_flags(attr)
     if flags & attr.FLAG_SIZE:
         _check_offset(attr.st_size, "size")
         fd = os.open(name, os.O_WRONLY | _OPEN_EXTRA, dir_fd=dir_fd)
@@ -167,7 +167,7 @@ def _apply_attr_at(dir_fd: int, name: str, attr: SFTPAttributes) -> None:
 
 
 def _apply_attr_fd(fd: int, attr: SFTPAttributes) -> None:
-    flags = attr._flags
+    flags = paramiko_compat.attr_flags(attr)
     if flags & attr.FLAG_SIZE:
         _check_offset(attr.st_size, "size")
         os.ftruncate(fd, attr.st_size)
@@ -452,7 +452,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
             if res.name is None:
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
             mode = 0o666
-            if attr is not None and attr._flags & attr.FLAG_PERMISSIONS:
+            if attr is not None and paramiko_compat.attr_flags(attr) & attr.FLAG_PERMISSIONS:
                 mode = attr.st_mode & 0o7777
             self._take_budget(FILE_HANDLE_FDS)
             fd = -1
@@ -565,7 +565,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
         with self._resolve_named(path) as res:
             _check_writable(res)
             mode = 0o777
-            if attr is not None and attr._flags & attr.FLAG_PERMISSIONS:
+            if attr is not None and paramiko_compat.attr_flags(attr) & attr.FLAG_PERMISSIONS:
                 mode = attr.st_mode & 0o7777
             os.mkdir(res.leaf, mode, dir_fd=res.dir_fd)
             return OK
@@ -705,7 +705,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
 
 def _apply_attr_fd_dir(dir_fd: int, attr: SFTPAttributes) -> None:
     """SETSTAT on a directory we hold as an O_PATH descriptor (an export root or walked dir)."""
-    if attr._flags & attr.FLAG_SIZE:
+    if paramiko_compat.attr_flags(attr) & attr.FLAG_SIZE:
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
     fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:

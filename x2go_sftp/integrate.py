@@ -345,8 +345,9 @@ def install(host_key: paramiko.PKey | None = None) -> bool:
     # 5. paramiko >= 4 versus python-x2go's _write_private_key patch.
     x2go_paramiko = _x2go_module("x2go._paramiko")
     x2go_patch = getattr(x2go_paramiko, "_Pkey_write_private_key", None)
-    if x2go_patch is not None and paramiko.PKey._write_private_key is x2go_patch and _paramiko_passes_file_format():
-        record.replace(paramiko.PKey, "_write_private_key", _write_private_key)
+    if (x2go_patch is not None and paramiko_compat.pkey_private_writer() is x2go_patch
+            and _paramiko_passes_file_format()):
+        record.replace(paramiko.PKey, paramiko_compat.PKEY_PRIVATE_WRITER, _write_private_key)
 
     paramiko_compat.fix_asbytes()  # 6. paramiko 2.x: python-x2go's connection formats no repr per packet
     setattr(x2go_sftpserver, _RECORD_ATTR, record)

@@ -569,6 +569,17 @@ def send_user_message(transport: Any, m: paramiko.Message) -> None:
 # Each falls back to plain behaviour where the name is missing.
 
 
+#: The private writer behind ``PKey.write_private_key``, which python-x2go patches with
+#: the paramiko 2.x signature (``integrate`` replaces that patch on paramiko >= 4).
+#: Checked on 2.12, 3.5 and 5.1.
+PKEY_PRIVATE_WRITER = "_write_private_key"
+
+
+def pkey_private_writer() -> Any:
+    """``paramiko.PKey``'s private key writer as it is now (python-x2go's patch, if applied)."""
+    return getattr(paramiko.PKey, PKEY_PRIVATE_WRITER, None)
+
+
 def attr_flags(attr: Any) -> int:
     """The ATTRS flags of an ``SFTPAttributes`` (paramiko keeps them in ``_flags``)."""
     flags = getattr(attr, "_flags", None)
@@ -887,4 +898,193 @@ def restore_asbytes() -> bool:
             if getattr(module, "asbytes", None) is asbytes_without_repr:
                 module.asbytes = original
         _asbytes_original = None
+    return True
+
+
+# -- every paramiko: a pure-Python HMAC object per packet -------------------------------
+#
+# paramiko's ``packet.compute_hmac(key, message, digest_class)`` (defined in
+# ``paramiko/packet.py`` itself on 2.12, 3.5 and 5.1; nothing else binds it) is
+# ``hmac.HMAC(key, message, digest_class).digest()``: for every packet, in both
+# directions, Python builds an HMAC object (two hash objects, key padding and
+# translation) around two OpenSSL hash calls.  With AES-CTR + HMAC-SHA2, which
+# paramiko 2.12 negotiates on our inner transport (it has no AES-GCM) and every
+# release negotiates on python-x2go's outer connection unless ``outer_gcm``,
+# ``HMAC._init_hmac`` was 9 % (read) and 18 % (write) of our process's CPU under
+# 2.12.  ``hmac.digest(key, message, name)`` is OpenSSL's one-shot HMAC with the
+# same result (RFC 2104), ETM or not (paramiko calls the same function for both).
+#
+# :func:`fix_hmac` probes the behaviour: for each digest class paramiko's MACs
+# use (``Transport._mac_info``: md5, sha1, sha256, sha512) whose hash name is in
+# :data:`HMAC_DIGEST_NAMES`, paramiko's function and ``hmac.digest`` must give
+# the same bytes for keys and messages of every length in
+# :data:`_HMAC_PROBE_LENGTHS`.  Classes that pass go to OpenSSL by name; any
+# other class (a digest paramiko adds later, a hash OpenSSL refuses, e.g. md5
+# under FIPS) keeps paramiko's function.  Nothing is bound when paramiko's
+# ``compute_hmac`` is missing, is not paramiko's own (someone else's wrapper),
+# or no class passes.  Process-wide, so python-x2go's connection is faster too;
+# opt out with ``X2GO_SFTP_HMAC_FIX=0`` (read at each call, so set it before
+# the first tunnel); undo with :func:`restore_hmac`.  Checked on: 2.12, 3.5 and
+# 5.1 (applied on all three, every digest class passing).
+
+import hashlib  # noqa: E402  (this section's own imports, kept beside it)
+import hmac  # noqa: E402
+
+HMAC_FIX_ENV = "X2GO_SFTP_HMAC_FIX"
+"""Environment variable: ``0``, ``no``, ``off`` or ``false`` keeps paramiko's own ``compute_hmac``."""
+
+HMAC_DIGEST_NAMES: frozenset[str] = frozenset({"md5", "sha1", "sha256", "sha512"})
+"""Hash names handed to OpenSSL's one-shot HMAC: the hashes of every MAC paramiko offers
+(hmac-md5[-96], hmac-sha1[-96], hmac-sha2-256[-etm], hmac-sha2-512[-etm])."""
+
+# Key and message lengths the probe compares: empty, one byte, around the block
+# size where HMAC switches from padding the key to hashing it (64 bytes for
+# md5/sha1/sha256, 128 for sha512), and a full 32 KiB data packet.
+_HMAC_PROBE_LENGTHS = (0, 1, 32, 64, 65, 128, 129, 32 * 1024)
+_HMAC_LOG_TAG = "paramiko-compat"
+_hmac_lock = threading.Lock()
+# paramiko's own function while the fix is applied, else None.
+_hmac_original: Callable[[Any, Any, Any], bytes] | None = None
+# paramiko's own function once seen: what the replacement falls back to, even after an undo.
+_hmac_fallback: Callable[[Any, Any, Any], bytes] | None = None
+# Digest class -> the OpenSSL name it is computed with; filled by the probe.
+_hmac_names: dict[Any, str] = {}
+
+
+def compute_hmac_oneshot(key: Any, message: Any, digest_class: Any) -> bytes:
+    """paramiko's ``packet.compute_hmac`` through OpenSSL's one-shot HMAC: the same bytes, no HMAC object.
+
+    Args:
+        key: the MAC key.
+        message: what is authenticated (sequence number and packet).
+        digest_class: the hash constructor paramiko's MAC uses.
+
+    Returns:
+        the full HMAC (paramiko truncates it for the ``-96`` MACs).
+    """
+    try:
+        name = _hmac_names.get(digest_class)
+    except TypeError:  # an unhashable digest "class": paramiko's function decides
+        name = None
+    if name is not None:
+        return hmac.digest(key, message, name)
+    fallback = _hmac_fallback
+    if fallback is None:  # not reachable while bound: paramiko's own definition
+        return hmac.HMAC(key, message, digest_class).digest()
+    return fallback(key, message, digest_class)
+
+
+def paramiko_compute_hmac() -> Callable[[Any, Any, Any], bytes] | None:
+    """paramiko's own ``compute_hmac`` (bound in ``paramiko.packet``), even while fixed."""
+    if _hmac_original is not None:
+        return _hmac_original
+    func = getattr(getattr(paramiko, "packet", None), "compute_hmac", None)
+    return func if callable(func) else None
+
+
+def _hmac_digest_classes() -> list[Any]:
+    """The hash constructors paramiko's MACs use, each once, in paramiko's order."""
+    found: list[Any] = []
+    mac_info = getattr(paramiko.Transport, "_mac_info", None)
+    candidates = [v.get("class") for v in mac_info.values()] if isinstance(mac_info, dict) else []
+    candidates += [hashlib.md5, hashlib.sha1, hashlib.sha256, hashlib.sha512]
+    for cls in candidates:
+        if callable(cls) and cls not in found:
+            found.append(cls)
+    return found
+
+
+def _openssl_name(func: Callable[[Any, Any, Any], bytes], digest_class: Any) -> str | None:
+    """Probe: the hash name ``hmac.digest`` reproduces ``func`` with for ``digest_class``, else None."""
+    try:
+        name = digest_class().name
+        if name not in HMAC_DIGEST_NAMES:
+            return None
+        for key_len in _HMAC_PROBE_LENGTHS:
+            key = bytes(range(256)) * (key_len // 256) + bytes(range(key_len % 256))
+            for msg_len in _HMAC_PROBE_LENGTHS:
+                message = bytes(reversed(range(256))) * (msg_len // 256) + b"\xa5" * (msg_len % 256)
+                expected = func(key, message, digest_class)
+                if not isinstance(expected, bytes) or hmac.digest(key, message, name) != expected:
+                    return None
+    except Exception:  # a hash OpenSSL refuses (FIPS), an odd class: paramiko's function stays
+        return None
+    return name
+
+
+def hmac_fix_applied() -> bool:
+    """True while :func:`fix_hmac` is in effect."""
+    return _hmac_original is not None
+
+
+def hmac_fix_digests() -> tuple[str, ...]:
+    """The hash names computed by OpenSSL's one-shot HMAC while the fix is applied (empty otherwise)."""
+    return tuple(sorted(set(_hmac_names.values()))) if hmac_fix_applied() else ()
+
+
+def fix_hmac(logger: log.LoggerLike | None = None) -> bool:
+    """Compute paramiko's per-packet MACs with OpenSSL's one-shot HMAC (process-wide, idempotent).
+
+    Does nothing where paramiko has no ``packet.compute_hmac``, where it is not
+    paramiko's own function, where no digest class gives the same bytes through
+    ``hmac.digest``, or when ``X2GO_SFTP_HMAC_FIX`` is ``0``/``no``/``off``/``false``.
+
+    Args:
+        logger: where the one INFO line goes when the fix is applied.
+
+    Returns:
+        True if the fix is in effect after the call.
+    """
+    global _hmac_original, _hmac_fallback
+    if os.environ.get(HMAC_FIX_ENV, "").strip().lower() in _ASBYTES_FIX_OFF:
+        return hmac_fix_applied()
+    with _hmac_lock:
+        if _hmac_original is not None:
+            return True
+        original = paramiko_compute_hmac()
+        if original is None or not str(getattr(original, "__module__", "")).startswith("paramiko"):
+            return False
+        names = {}
+        for cls in _hmac_digest_classes():
+            name = _openssl_name(original, cls)
+            if name is not None:
+                names[cls] = name
+        if not names:
+            return False
+        _hmac_fallback = original
+        _hmac_names.clear()
+        _hmac_names.update(names)  # before binding: the replacement never sees a half-filled table
+        bound = []
+        for module in _paramiko_modules():
+            if getattr(module, "compute_hmac", None) is original:
+                module.compute_hmac = compute_hmac_oneshot
+                bound.append(module.__name__)
+        _hmac_original = original
+    log.tagged(logger, _HMAC_LOG_TAG)(
+        f"paramiko {getattr(paramiko, '__version__', '?')}: compute_hmac() built an HMAC object per packet; "
+        f"now OpenSSL's one-shot HMAC for {', '.join(sorted(set(names.values())))} in {', '.join(sorted(bound))} "
+        f"(opt out: {HMAC_FIX_ENV}=0)",
+        loglevel=log.loglevel_INFO,
+    )
+    return True
+
+
+def restore_hmac() -> bool:
+    """Undo :func:`fix_hmac`: paramiko's own ``compute_hmac`` again, in every module bound to the fix.
+
+    A tunnel made later applies the fix again unless ``X2GO_SFTP_HMAC_FIX=0``.
+
+    Returns:
+        True if something was undone.
+    """
+    global _hmac_original
+    with _hmac_lock:
+        original = _hmac_original
+        if original is None:
+            return False
+        for module in _paramiko_modules():
+            if getattr(module, "compute_hmac", None) is compute_hmac_oneshot:
+                module.compute_hmac = original
+        _hmac_original = None
+        # The table stays: a packet already inside the replacement still gets the same bytes.
     return True
