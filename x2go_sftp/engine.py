@@ -24,15 +24,20 @@ Extensions are switched on by capability: the engine looks for the optional
 backend methods (``posix_rename``, ``hardlink``, ``statvfs``, ...) and
 advertises only what the backend provides.  The wire formats are described
 in ``docs/protocol.md``.
+
+The engine is three modules.  This one holds the session: framing, the
+request loop and its error policy, dispatch, the replies, the handle tables
+and the core v3 requests, with the limits they enforce.
+:mod:`x2go_sftp.attrs` holds the fields (the strict :class:`Reader`,
+:func:`pack_attrs`, "ls -l" long names and their caches) and
+:mod:`x2go_sftp.extensions` one function per OpenSSH extension with the
+capability that switches it on.  Their public names are importable from here
+too (``__all__``).
 """
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
-import stat as stat_mod
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -44,7 +49,6 @@ from paramiko.sftp import (
     CMD_CLOSE,
     CMD_DATA,
     CMD_EXTENDED,
-    CMD_EXTENDED_REPLY,
     CMD_FSETSTAT,
     CMD_FSTAT,
     CMD_HANDLE,
@@ -80,14 +84,65 @@ from paramiko.sftp import (
     SFTP_NO_SUCH_FILE,
     SFTP_OK,
     SFTP_OP_UNSUPPORTED,
-    SFTP_PERMISSION_DENIED,
     SFTPError,
 )
 from paramiko.sftp_attr import SFTPAttributes
 from paramiko.sftp_handle import SFTPHandle
 
 from . import log, paramiko_compat
+from .attrs import (
+    MAX_OFFSET,
+    U32,
+    BadMessage,
+    InvalidArgument,
+    LongNames,
+    Reader,
+    check_size,
+    decode,
+    encode,
+    pack_attrs,
+    pack_string,
+)
+from .extensions import (
+    COPY_CHUNK,
+    EXTENSIONS,
+    MAX_IDS_PER_REQUEST,
+    SSH2_FXE_STATVFS_ST_NOSUID,
+    SSH2_FXE_STATVFS_ST_RDONLY,
+    Extension,
+)
 from .status import Status, from_oserror
+
+# Names other modules import from here, wherever they are defined now.
+__all__ = [
+    "COPY_CHUNK",
+    "EXIT_OK",
+    "EXIT_PACKET_TOO_LARGE",
+    "EXIT_PROTOCOL_ERROR",
+    "EXTENSIONS",
+    "MAX_IDS_PER_REQUEST",
+    "MAX_OFFSET",
+    "MAX_OPEN_HANDLES",
+    "MAX_PACKET_LENGTH",
+    "MAX_READ_LENGTH",
+    "MAX_WRITE_LENGTH",
+    "READDIR_MAX_BYTES",
+    "READDIR_MAX_NAMES",
+    "RECV_CHUNK",
+    "SFTP_VERSION",
+    "SSH2_FXE_STATVFS_ST_NOSUID",
+    "SSH2_FXE_STATVFS_ST_RDONLY",
+    "SSHFS_MAX_REPLY",
+    "BadMessage",
+    "ChannelGone",
+    "Extension",
+    "InvalidArgument",
+    "LongNames",
+    "PacketTooLarge",
+    "Reader",
+    "SFTPEngine",
+    "pack_attrs",
+]
 
 SFTP_VERSION = 3
 
@@ -126,55 +181,12 @@ EXIT_OK = 0
 EXIT_PACKET_TOO_LARGE = 11
 EXIT_PROTOCOL_ERROR = 255
 
-# copy-data moves data in chunks of this size between two open handles (as OpenSSH).
-COPY_CHUNK = 64 * 1024
-
-# Offsets, lengths and sizes travel as uint64 but off_t is signed 64-bit.
-# OpenSSH casts the value to off_t, and lseek()/ftruncate() then answer EINVAL;
-# we refuse larger values before the backend sees them, with FAILURE and a
-# message (SFTP v3 has no INVALID_PARAMETER; OpenSSH sends its EINVAL as
-# BAD_MESSAGE, but the message itself parsed fine).
-MAX_OFFSET = 2**63 - 1
-
-# users-groups-by-id@openssh.com: ids (uids + gids) per request.  OpenSSH
-# bounds them only by the packet size (65,536 ids, each an NSS lookup), and
-# pays in the session's own process; here every session shares one process,
-# and 65k unknown ids cost seconds of CPU.  OpenSSH's sftp client asks for
-# the distinct owners of one listing, a handful; 1024 distinct lookups take
-# about 0.1 s.  Repeated ids are looked up once (the session's name cache).
-MAX_IDS_PER_REQUEST = 1024
-
 # Log lines a client can provoke, one limiter per kind for the whole process
 # (so many sessions do not multiply the budget): bad input (INFO) and backend
 # failures (ERROR).  Limits: log.LOG_BURST lines per log.LOG_INTERVAL.
 _BAD_INPUT_LOG = log.RateLimiter()
 _BACKEND_ERROR_LOG = log.RateLimiter()
 _HANDLE_CAP_LOG = log.RateLimiter()
-
-# statvfs@openssh.com flag bits (OpenSSH PROTOCOL, section 4.4).
-SSH2_FXE_STATVFS_ST_RDONLY = 0x1
-SSH2_FXE_STATVFS_ST_NOSUID = 0x2
-
-# Files modified within half a year (OpenSSH's ls_file) show a time, older ones a year.
-_RECENT_SECONDS = 365 * 24 * 60 * 60 // 2
-
-# User/group name lookups cached per session for "ls -l" long names (NSS can be slow).
-_NAME_CACHE_SIZE = 1024
-
-# (name, version, backend capability that enables it, or None: always on)
-EXTENSIONS: tuple[tuple[str, str, str | None], ...] = (
-    ("posix-rename@openssh.com", "1", "posix_rename"),
-    ("statvfs@openssh.com", "2", "statvfs"),
-    ("fstatvfs@openssh.com", "2", None),
-    ("hardlink@openssh.com", "1", "hardlink"),
-    ("fsync@openssh.com", "1", None),
-    ("lsetstat@openssh.com", "1", "lsetstat"),
-    ("limits@openssh.com", "1", None),
-    ("expand-path@openssh.com", "1", None),
-    ("copy-data", "1", None),
-    ("home-directory", "1", None),
-    ("users-groups-by-id@openssh.com", "1", None),
-)
 
 # Input is taken from the channel in pieces up to this size and parsed from a
 # local buffer: one channel read serves many small requests (and a WRITE's
@@ -184,171 +196,13 @@ RECV_CHUNK = 256 * 1024
 # paramiko's Channel sends at most out_max_packet_size - 64 bytes per packet.
 _CHANNEL_PACKET_SLACK = 64
 
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_U32_MASK = 0xFFFFFFFF
-_U64_MASK = 0xFFFFFFFFFFFFFFFF
-# ATTRS with size, uid/gid, permissions and times: what every stat() gives.
-_ALL_ATTRS = struct.Struct(">IQIIIII")
-_ALL_FLAGS = (SFTPAttributes.FLAG_SIZE | SFTPAttributes.FLAG_UIDGID | SFTPAttributes.FLAG_PERMISSIONS
-              | SFTPAttributes.FLAG_AMTIME)
-
 
 class PacketTooLarge(SFTPError):
     """The peer sent a packet over :data:`MAX_PACKET_LENGTH`."""
 
 
-class BadMessage(ValueError):
-    """A request whose fields do not parse (answered with SSH_FX_BAD_MESSAGE)."""
-
-
-class InvalidArgument(ValueError):
-    """A request that parses but carries a value we cannot act on (FAILURE, as EINVAL)."""
-
-
 class ChannelGone(Exception):
     """Sending a reply failed: the client or the tunnel closed the channel."""
-
-
-def _dec(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def _enc(text: str | bytes) -> bytes:
-    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
-
-
-def _string(data: bytes) -> bytes:
-    return _U32.pack(len(data)) + data
-
-
-class Reader:
-    """Strict reader of SFTP fields from one packet body.
-
-    Unlike paramiko's ``Message`` (which pads a short packet with zeros), any
-    field that runs past the end raises :class:`BadMessage`.
-    """
-
-    __slots__ = ("data", "pos")
-
-    def __init__(self, data: bytes, pos: int = 0):
-        self.data = data
-        self.pos = pos
-
-    def _take(self, n: int) -> bytes:
-        end = self.pos + n
-        if end > len(self.data):
-            raise BadMessage("truncated request")
-        out = self.data[self.pos:end]
-        self.pos = end
-        return out
-
-    def u32(self) -> int:
-        return int(_U32.unpack(self._take(4))[0])
-
-    def u64(self) -> int:
-        return int(_U64.unpack(self._take(8))[0])
-
-    def offset(self, what: str = "offset") -> int:
-        """A uint64 offset or length that must fit ``off_t`` (:data:`MAX_OFFSET`)."""
-        value = self.u64()
-        if value > MAX_OFFSET:
-            raise InvalidArgument(f"Invalid argument: {what} out of range")
-        return value
-
-    def string(self) -> bytes:
-        return self._take(self.u32())
-
-    def path(self) -> str:
-        return _dec(self.string())
-
-    def handle(self) -> bytes:
-        return self.string()
-
-    def attrs(self) -> SFTPAttributes:
-        """ATTRS as in draft-ietf-secsh-filexfer-02 section 5."""
-        attr = SFTPAttributes()
-        flags = self.u32()
-        paramiko_compat.set_attr_flags(attr, flags)
-        if flags & SFTPAttributes.FLAG_SIZE:
-            attr.st_size = self.u64()
-        if flags & SFTPAttributes.FLAG_UIDGID:
-            attr.st_uid = self.u32()
-            attr.st_gid = self.u32()
-        if flags & SFTPAttributes.FLAG_PERMISSIONS:
-            attr.st_mode = self.u32()
-        if flags & SFTPAttributes.FLAG_AMTIME:
-            attr.st_atime = self.u32()
-            attr.st_mtime = self.u32()
-        if flags & SFTPAttributes.FLAG_EXTENDED:
-            for _ in range(self.u32()):
-                attr.attr[_dec(self.string())] = self.string()
-        return attr
-
-
-def pack_attrs(attr: SFTPAttributes) -> bytes:
-    """Encode ATTRS as OpenSSH does: present fields only, times and ids wrapped to 32 bits."""
-    size, uid, gid, mode, atime, mtime = (attr.st_size, attr.st_uid, attr.st_gid, attr.st_mode,
-                                          attr.st_atime, attr.st_mtime)
-    if (size is not None and uid is not None and gid is not None and mode is not None
-            and atime is not None and mtime is not None):
-        return _ALL_ATTRS.pack(_ALL_FLAGS, int(size) & _U64_MASK, int(uid) & _U32_MASK, int(gid) & _U32_MASK,
-                               int(mode) & _U32_MASK, int(atime) & _U32_MASK, int(mtime) & _U32_MASK)
-    flags = 0
-    out = [b""]
-    if attr.st_size is not None:
-        flags |= SFTPAttributes.FLAG_SIZE
-        out.append(_U64.pack(int(attr.st_size) & _U64_MASK))
-    if attr.st_uid is not None and attr.st_gid is not None:
-        flags |= SFTPAttributes.FLAG_UIDGID
-        out.append(_U32.pack(int(attr.st_uid) & _U32_MASK) + _U32.pack(int(attr.st_gid) & _U32_MASK))
-    if attr.st_mode is not None:
-        flags |= SFTPAttributes.FLAG_PERMISSIONS
-        out.append(_U32.pack(int(attr.st_mode) & _U32_MASK))
-    if attr.st_atime is not None and attr.st_mtime is not None:
-        flags |= SFTPAttributes.FLAG_AMTIME
-        # SFTP v3 times are uint32; OpenSSH truncates time_t the same way, so a
-        # file dated before 1970 or after 2106 cannot break a whole listing.
-        out.append(_U32.pack(int(attr.st_atime) & _U32_MASK) + _U32.pack(int(attr.st_mtime) & _U32_MASK))
-    out[0] = _U32.pack(flags)
-    return b"".join(out)
-
-
-def _check_size(attr: SFTPAttributes) -> None:
-    """InvalidArgument for a SETSTAT/FSETSTAT size ``off_t`` cannot hold (OpenSSH: EINVAL)."""
-    if attr.st_size is not None and attr.st_size > MAX_OFFSET:
-        raise InvalidArgument("Invalid argument: size out of range")
-
-
-def _mode_string(mode: int) -> str:
-    """``strmode(3)``: file type, nine permission letters and a trailing space."""
-    kinds = {
-        stat_mod.S_IFDIR: "d", stat_mod.S_IFCHR: "c", stat_mod.S_IFBLK: "b", stat_mod.S_IFREG: "-",
-        stat_mod.S_IFLNK: "l", stat_mod.S_IFSOCK: "s", stat_mod.S_IFIFO: "p",
-    }
-    out = [kinds.get(stat_mod.S_IFMT(mode), "?")]
-    for shift, special, on, off in ((6, stat_mod.S_ISUID, "s", "S"), (3, stat_mod.S_ISGID, "s", "S"),
-                                    (0, stat_mod.S_ISVTX, "t", "T")):
-        bits = (mode >> shift) & 7
-        out.append("r" if bits & 4 else "-")
-        out.append("w" if bits & 2 else "-")
-        if mode & special:
-            out.append(on if bits & 1 else off)
-        else:
-            out.append("x" if bits & 1 else "-")
-    return "".join(out) + " "
-
-
-def _date_string(mtime: int | None, now: float) -> str:
-    if mtime is None:
-        return ""
-    try:
-        when = time.localtime(mtime)
-    except (OverflowError, OSError, ValueError):
-        return ""
-    if now - _RECENT_SECONDS < mtime <= now:
-        return time.strftime("%b %e %H:%M", when)
-    return time.strftime("%b %e  %Y", when)
 
 
 class SFTPEngine(paramiko.SFTPServer):
@@ -389,11 +243,8 @@ class SFTPEngine(paramiko.SFTPServer):
         self._io: Any = None
         self.requests: Counter[str] = Counter()
         self.exit_status = EXIT_OK
-        self._names: dict[tuple[str, int], str] = {}
-        # READDIR long names: mode and date strings repeat across a listing.
-        self._modes: dict[int, str] = {}
-        self._owners: dict[tuple[int, int], str] = {}
-        self._dates: dict[tuple[int, bool], str] = {}
+        # "ls -l" long names for READDIR and user/group names, with this session's caches.
+        self.long_names = LongNames()
         self._handlers: dict[int, Callable[[int, Reader], None]] = {
             CMD_OPEN: self._do_open,
             CMD_CLOSE: self._do_close,
@@ -415,26 +266,11 @@ class SFTPEngine(paramiko.SFTPServer):
             CMD_REALPATH: self._do_realpath,
             CMD_EXTENDED: self._do_extended,
         }
-        extended: dict[str, Callable[[int, Reader], None]] = {
-            "posix-rename@openssh.com": self._do_two_paths("posix_rename"),
-            "statvfs@openssh.com": self._ext_statvfs,
-            "fstatvfs@openssh.com": self._ext_fstatvfs,
-            "hardlink@openssh.com": self._do_two_paths("hardlink"),
-            "fsync@openssh.com": self._ext_fsync,
-            "lsetstat@openssh.com": self._ext_lsetstat,
-            "limits@openssh.com": self._ext_limits,
-            "expand-path@openssh.com": self._ext_expand_path,
-            "copy-data": self._ext_copy_data,
-            "home-directory": self._ext_home_directory,
-            "users-groups-by-id@openssh.com": self._ext_users_groups,
-        }
-        self.extensions = [
-            (ext, version)
-            for ext, version, needs in EXTENSIONS
-            if needs is None or self._backend_has(needs)
-        ]
-        enabled = {ext for ext, _ in self.extensions}
-        self._extended = {k: v for k, v in extended.items() if k in enabled}
+        # The extensions the backend can serve, each advertised in VERSION (extensions.py).
+        enabled = [ext for ext in EXTENSIONS if ext.needs is None or self._backend_has(ext.needs)]
+        self.extensions = [(ext.name, ext.version) for ext in enabled]
+        self._extended: dict[str, Callable[[SFTPEngine, int, Reader], None]] = {
+            ext.name: ext.serve for ext in enabled}
 
     def _backend_has(self, method: str) -> bool:
         """True if the backend really implements ``method``.
@@ -447,7 +283,7 @@ class SFTPEngine(paramiko.SFTPServer):
 
     # -- framing -------------------------------------------------------------
     def _read_packet(self) -> tuple[int, bytes]:
-        (size,) = _U32.unpack(self._read_all(4))
+        (size,) = U32.unpack(self._read_all(4))
         if size > MAX_PACKET_LENGTH:
             raise PacketTooLarge(f"packet of {size} bytes exceeds {MAX_PACKET_LENGTH}")
         if size == 0:
@@ -488,7 +324,7 @@ class SFTPEngine(paramiko.SFTPServer):
         runt each.  Nothing waits longer than the processing of requests that
         were already here (``_read_all`` flushes before it would block).
         """
-        reply = _U32.pack(len(body) + 1) + bytes((t,)) + body
+        reply = U32.pack(len(body) + 1) + bytes((t,)) + body
         self._out.append(reply)
         self._out_len += len(reply)
         if not self.hold_replies:
@@ -527,9 +363,9 @@ class SFTPEngine(paramiko.SFTPServer):
             t, _ = self._read_packet()
             if t != CMD_INIT:
                 raise BadMessage(f"expected INIT, got packet type {t}")
-            body = [_U32.pack(SFTP_VERSION)]
+            body = [U32.pack(SFTP_VERSION)]
             for ext_name, version in self.extensions:
-                body.append(_string(ext_name.encode()) + _string(version.encode()))
+                body.append(pack_string(ext_name.encode()) + pack_string(version.encode()))
             self._send(CMD_VERSION, b"".join(body))
         except (EOFError, ChannelGone):
             return
@@ -557,7 +393,7 @@ class SFTPEngine(paramiko.SFTPServer):
             if len(data) < 4:
                 self._fatal(channel, "packet without request id", EXIT_PROTOCOL_ERROR)
                 return
-            request_number = _U32.unpack_from(data)[0]
+            request_number = U32.unpack_from(data)[0]
             # Lines a client can provoke at will are rate-limited process-wide.
             try:
                 self._process(t, request_number, Reader(data, 4))
@@ -661,21 +497,21 @@ class SFTPEngine(paramiko.SFTPServer):
             desc = Status(code).message
         if code != SFTP_OK and code != SFTP_EOF:
             self.error_statuses[int(code)] += 1
-        self._send(CMD_STATUS, _U32.pack(request_number) + _U32.pack(int(code))
-                   + _string(_enc(desc)) + _string(b""))
+        self._send(CMD_STATUS, U32.pack(request_number) + U32.pack(int(code))
+                   + pack_string(encode(desc)) + pack_string(b""))
 
     def _send_names(self, request_number: int, entries: list[bytes]) -> None:
         """NAME reply from already encoded ``name, longname, attrs`` entries."""
-        self._send(CMD_NAME, _U32.pack(request_number) + _U32.pack(len(entries)) + b"".join(entries))
+        self._send(CMD_NAME, U32.pack(request_number) + U32.pack(len(entries)) + b"".join(entries))
 
     def _send_one_name(self, request_number: int, name: str) -> None:
         # As OpenSSH: the long name repeats the name; no attributes.
-        raw = _enc(name)
-        self._send_names(request_number, [_string(raw) + _string(raw) + _U32.pack(0)])
+        raw = encode(name)
+        self._send_names(request_number, [pack_string(raw) + pack_string(raw) + U32.pack(0)])
 
     def _send_attrs_or_status(self, request_number: int, resp: Any) -> None:
         if isinstance(resp, SFTPAttributes):
-            self._send(CMD_ATTRS, _U32.pack(request_number) + pack_attrs(resp))
+            self._send(CMD_ATTRS, U32.pack(request_number) + pack_attrs(resp))
         else:
             self._send_status(request_number, resp)
 
@@ -698,7 +534,7 @@ class SFTPEngine(paramiko.SFTPServer):
         self.next_handle += 1
         paramiko_compat.set_handle_name(handle, name)
         (self.folder_table if folder else self.file_table)[name] = handle
-        self._send(CMD_HANDLE, _U32.pack(request_number) + _string(name))
+        self._send(CMD_HANDLE, U32.pack(request_number) + pack_string(name))
 
     def _file(self, request_number: int, handle: bytes) -> SFTPHandle | None:
         f = self.file_table.get(handle)
@@ -756,7 +592,7 @@ class SFTPEngine(paramiko.SFTPServer):
             if not data:
                 self._send_status(request_number, SFTP_EOF)
                 return
-            self._send(CMD_DATA, _U32.pack(request_number) + _string(bytes(data)))
+            self._send(CMD_DATA, U32.pack(request_number) + pack_string(bytes(data)))
         else:
             self._send_status(request_number, data)
 
@@ -787,7 +623,7 @@ class SFTPEngine(paramiko.SFTPServer):
             path = req.path()
             attr = req.attrs()
             if method == "chattr":
-                _check_size(attr)
+                check_size(attr)
             self._send_status(request_number, getattr(self.server, method)(path, attr))
         return handler
 
@@ -814,60 +650,9 @@ class SFTPEngine(paramiko.SFTPServer):
         else:
             self._send_status(request_number, listing)
 
-    def _user_name(self, kind: str, ident: int, strict: bool = False) -> str:
-        """User (``kind`` "u") or group name of ``ident``, through the session's cache.
-
-        An unknown id is its number, or with ``strict`` a KeyError (cached too).
-        """
-        key = (kind, ident)
-        name = self._names.get(key)
-        if name is None:
-            try:
-                name = pwd.getpwuid(ident).pw_name if kind == "u" else grp.getgrgid(ident).gr_name
-            except (KeyError, OverflowError, ValueError):
-                name = ""
-            if len(self._names) >= _NAME_CACHE_SIZE:
-                self._names.clear()
-            self._names[key] = name
-        if not name:
-            if strict:
-                raise KeyError(ident)
-            return str(ident)
-        return name
-
-    def _date(self, mtime: float | None, now: float) -> str:
-        """:func:`_date_string` of the whole second (a ``time_t``, as sftp-server has), remembered."""
-        if mtime is None:
-            return ""
-        second = int(mtime)
-        key = (second, now - _RECENT_SECONDS < second <= now)  # the same test _date_string makes
-        text = self._dates.get(key)
-        if text is None:
-            if len(self._dates) >= _NAME_CACHE_SIZE:
-                self._dates.clear()
-            text = self._dates[key] = _date_string(second, now)
-        return text
-
     def longname(self, attr: SFTPAttributes, now: float | None = None) -> bytes:
-        """The "ls -l" line OpenSSH's sftp-server sends with each READDIR name."""
-        mode = attr.st_mode or 0
-        uid = attr.st_uid if attr.st_uid is not None else 0
-        gid = attr.st_gid if attr.st_gid is not None else 0
-        owner = self._owners.get((uid, gid))
-        if owner is None:
-            user, group = self._user_name("u", uid), self._user_name("g", gid)
-            if len(self._owners) >= _NAME_CACHE_SIZE:
-                self._owners.clear()
-            owner = self._owners[(uid, gid)] = f"{user:<{max(len(user), 8)}} {group:<{max(len(group), 8)}}"
-        mode_text = self._modes.get(mode)
-        if mode_text is None:
-            if len(self._modes) >= _NAME_CACHE_SIZE:
-                self._modes.clear()
-            mode_text = self._modes[mode] = _mode_string(mode)
-        date = self._date(attr.st_mtime, time.time() if now is None else now)
-        nlink = getattr(attr, "st_nlink", 1)
-        line = f"{mode_text} {nlink:>3} {owner} {attr.st_size or 0:>8} {date} {attr.filename}"
-        return _enc(line)
+        """The "ls -l" line OpenSSH's sftp-server sends with each READDIR name (:class:`LongNames`)."""
+        return self.long_names.longname(attr, now)
 
     def _do_readdir(self, request_number: int, req: Reader) -> None:
         handle = req.handle()
@@ -886,8 +671,9 @@ class SFTPEngine(paramiko.SFTPServer):
         entries: list[bytes] = []
         size = 0
         now = time.time()
+        longname = self.long_names.longname
         for i, attr in enumerate(batch[:READDIR_MAX_NAMES]):
-            entry = _string(_enc(attr.filename)) + _string(self.longname(attr, now)) + pack_attrs(attr)
+            entry = pack_string(encode(attr.filename)) + pack_string(longname(attr, now)) + pack_attrs(attr)
             if entries and size + len(entry) > READDIR_MAX_BYTES:
                 # Over budget: hand the rest back for the next READDIR.
                 push_back = getattr(folder, "push_back", None)
@@ -906,7 +692,7 @@ class SFTPEngine(paramiko.SFTPServer):
     def _do_fsetstat(self, request_number: int, req: Reader) -> None:
         handle = req.handle()
         attr = req.attrs()
-        _check_size(attr)
+        check_size(attr)
         f = self._file(request_number, handle)
         if f is not None:
             self._send_status(request_number, f.chattr(attr))
@@ -942,9 +728,9 @@ class SFTPEngine(paramiko.SFTPServer):
     def _do_realpath(self, request_number: int, req: Reader) -> None:
         self._send_path_or_status(request_number, self._realpath(req.path()))
 
-    # -- extensions ----------------------------------------------------------
+    # -- extensions (each served by a function of extensions.py) ---------------
     def _do_extended(self, request_number: int, req: Reader) -> None:
-        name = _dec(req.string())
+        name = decode(req.string())
         handler = self._extended.get(name)
         self.requests[name if handler is not None else "unknown-extension"] += 1
         if self.xlog.enabled(log.loglevel_DEBUG_SFTPXFER):
@@ -952,175 +738,4 @@ class SFTPEngine(paramiko.SFTPServer):
         if handler is None:
             self._send_status(request_number, Status(SFTP_OP_UNSUPPORTED, "Unsupported extended request"))
             return
-        handler(request_number, req)
-
-    def _send_statvfs(self, request_number: int, st: Any, read_only: bool) -> None:
-        if not isinstance(st, os.statvfs_result):
-            self._send_status(request_number, st)
-            return
-        flag = 0
-        if st.f_flag & os.ST_RDONLY or read_only:
-            flag |= SSH2_FXE_STATVFS_ST_RDONLY
-        if st.f_flag & os.ST_NOSUID:
-            flag |= SSH2_FXE_STATVFS_ST_NOSUID
-        values = (st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail,
-                  st.f_files, st.f_ffree, st.f_favail, st.f_fsid, flag, st.f_namemax)
-        body = _U32.pack(request_number) + b"".join(_U64.pack(int(v) & _U64_MASK) for v in values)
-        self._send(CMD_EXTENDED_REPLY, body)
-
-    def _path_read_only(self, path: str) -> bool:
-        exports = getattr(self.server, "exports", None)
-        if exports is None:
-            return False
-        try:
-            export, _ = exports.find(exports.normalize(path))
-        except (OSError, ValueError):
-            return False
-        return bool(export.read_only)
-
-    def _ext_statvfs(self, request_number: int, req: Reader) -> None:
-        path = req.path()
-        self._send_statvfs(request_number, self.server.statvfs(path), self._path_read_only(path))
-
-    def _ext_fstatvfs(self, request_number: int, req: Reader) -> None:
-        f = self._file(request_number, req.handle())
-        if f is None:
-            return
-        statvfs = getattr(f, "statvfs", None)
-        if statvfs is None:
-            self._send_status(request_number, SFTP_OP_UNSUPPORTED)
-            return
-        read_only = getattr(f, "read_only", None)
-        if read_only is None:
-            read_only = getattr(getattr(f, "export", None), "read_only", False)
-        self._send_statvfs(request_number, statvfs(), bool(read_only))
-
-    def _ext_fsync(self, request_number: int, req: Reader) -> None:
-        f = self.file_table.get(req.handle())
-        if f is None:
-            self._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "Invalid handle"))  # as OpenSSH
-            return
-        fsync = getattr(f, "fsync", None)
-        self._send_status(request_number, fsync() if fsync is not None else SFTP_OP_UNSUPPORTED)
-
-    def _ext_lsetstat(self, request_number: int, req: Reader) -> None:
-        path = req.path()
-        attr = req.attrs()
-        if paramiko_compat.attr_flags(attr) & SFTPAttributes.FLAG_SIZE:
-            # As OpenSSH: a symlink has no size to set, so the request is malformed.
-            self._send_status(request_number, Status(SFTP_BAD_MESSAGE, "lsetstat cannot set a size"))
-            return
-        self._send_status(request_number, self.server.lsetstat(path, attr))
-
-    def _ext_limits(self, request_number: int, req: Reader) -> None:
-        values = (MAX_PACKET_LENGTH, MAX_READ_LENGTH, MAX_WRITE_LENGTH, MAX_OPEN_HANDLES)
-        self._send(CMD_EXTENDED_REPLY, _U32.pack(request_number) + b"".join(_U64.pack(v) for v in values))
-
-    def _home(self) -> str | None:
-        home = getattr(self.server, "home", None)
-        if home is not None:
-            result: str | None = home()
-            return result
-        resolved = self._realpath(".")
-        return resolved if isinstance(resolved, str) else None
-
-    def _ext_expand_path(self, request_number: int, req: Reader) -> None:
-        path = req.path()
-        if path.startswith("~"):
-            user, sep, rest = path[1:].partition("/")
-            if user and user != self.username:
-                self._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "No such user"))
-                return
-            home = self._home()
-            if home is None:
-                self._send_status(request_number, Status(SFTP_PERMISSION_DENIED, "Nothing is exported"))
-                return
-            path = home + "/" + rest if rest else home
-        # Anything else (relative paths included) is a REALPATH against our home.
-        self._send_path_or_status(request_number, self._realpath(path))
-
-    def _ext_home_directory(self, request_number: int, req: Reader) -> None:
-        user = _dec(req.string())
-        if user and user != self.username:
-            self._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "No such user"))
-            return
-        home = self._home()
-        if home is None:
-            self._send_status(request_number, Status(SFTP_PERMISSION_DENIED, "Nothing is exported"))
-            return
-        self._send_one_name(request_number, home)
-
-    def _ext_users_groups(self, request_number: int, req: Reader) -> None:
-        def ids(blob: bytes) -> list[int]:
-            if len(blob) % 4:
-                raise BadMessage("id list is not a whole number of uint32")
-            return [v for (v,) in _U32.iter_unpack(blob)]
-
-        def names(values: list[int], lookup: Callable[[int], str]) -> bytes:
-            out = []
-            for v in values:
-                try:
-                    out.append(_string(_enc(lookup(v))))
-                except (KeyError, OverflowError, ValueError):
-                    out.append(_string(b""))  # as OpenSSH: unknown ids get an empty name
-            return b"".join(out)
-
-        uids = ids(req.string())
-        gids = ids(req.string())
-        if len(uids) + len(gids) > MAX_IDS_PER_REQUEST:
-            self._send_status(request_number, Status(
-                SFTP_FAILURE, f"Too many ids in one request (at most {MAX_IDS_PER_REQUEST})"))
-            return
-        # Through the session's cache: a repeated id costs one NSS lookup.
-        users = names(uids, lambda u: self._user_name("u", u, strict=True))
-        groups = names(gids, lambda g: self._user_name("g", g, strict=True))
-        body = _U32.pack(request_number) + _string(users) + _string(groups)
-        if len(body) + 5 > SSHFS_MAX_REPLY:
-            self._send_status(request_number, Status(SFTP_FAILURE, "Too many ids in one request"))
-            return
-        self._send(CMD_EXTENDED_REPLY, body)
-
-    def _ext_copy_data(self, request_number: int, req: Reader) -> None:
-        src = req.handle()
-        read_offset = req.offset("read offset")
-        length = req.offset("length")
-        dst = req.handle()
-        write_offset = req.offset("write offset")
-        fin = self._file(request_number, src)
-        if fin is None:
-            return
-        fout = self._file(request_number, dst)
-        if fout is None:
-            return
-        same_file = getattr(fin, "same_file", None)
-        if src == dst or (same_file is not None and same_file(fout)):
-            # As OpenSSH: copying a file onto itself could chase its own tail forever.
-            self._send_status(request_number, Status(SFTP_FAILURE, "Source and destination are the same file"))
-            return
-        if getattr(fout, "writable", True) is False:
-            self._send_status(request_number, Status(SFTP_PERMISSION_DENIED, "Handle not open for writing"))
-            return
-        copy_range = getattr(fin, "copy_range", None)
-        if copy_range is not None and type(fin) is type(fout):
-            # The backend copies by extents (holes stay holes): see backend.FileHandle.copy_range.
-            self._send_status(request_number, copy_range(fout, read_offset, length, write_offset))
-            return
-        until_eof = length == 0
-        remaining = length
-        while until_eof or remaining > 0:
-            want = COPY_CHUNK if until_eof else min(COPY_CHUNK, remaining)
-            data = fin.read(read_offset, want)
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                self._send_status(request_number, data)
-                return
-            if not data:
-                break
-            status = fout.write(write_offset, bytes(data))
-            if status != SFTP_OK:
-                self._send_status(request_number, status)
-                return
-            read_offset += len(data)
-            write_offset += len(data)
-            remaining -= len(data)
-        # A source that ends before the requested length is EOF (draft-ietf-secsh-filexfer-extensions-00 7).
-        self._send_status(request_number, SFTP_OK if until_eof or remaining <= 0 else SFTP_EOF)
+        handler(self, request_number, req)
