@@ -135,7 +135,8 @@ class Reader:
             attr.st_mtime = self.u32()
         if flags & SFTPAttributes.FLAG_EXTENDED:
             for _ in range(self.u32()):
-                attr.attr[decode(self.string())] = self.string()
+                # The stubs say str values; paramiko itself keeps the raw bytes (Message.get_string).
+                attr.attr[decode(self.string())] = self.string()  # type: ignore[assignment]
         return attr
 
 

@@ -16,6 +16,13 @@ import threading
 import time
 
 import paramiko
+from paramiko.common import (
+    AUTH_FAILED,
+    AUTH_SUCCESSFUL,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_FAILED_RESOURCE_SHORTAGE,
+    OPEN_SUCCEEDED,
+)
 
 from . import log
 from .paramiko_compat import open_channel_count
@@ -213,16 +220,16 @@ class SessionKeyAuth(paramiko.ServerInterface):
     def check_auth_none(self, username: str) -> int:
         self._forgive_failure = self._requests == 0
         self._requests += 1
-        return paramiko.AUTH_FAILED
+        return AUTH_FAILED
 
     def check_auth_password(self, username: str, password: str) -> int:
         self._requests += 1
         self.logger(f"password auth refused for {username!r}", loglevel=log.loglevel_INFO)
-        return paramiko.AUTH_FAILED
+        return AUTH_FAILED
 
     def check_auth_interactive(self, username: str, submethods: str) -> int:
         self._requests += 1
-        return paramiko.AUTH_FAILED
+        return AUTH_FAILED
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         self._requests += 1
@@ -234,22 +241,22 @@ class SessionKeyAuth(paramiko.ServerInterface):
                 f"publickey auth ({key.get_name()}) for {username!r} succeeded",
                 loglevel=log.loglevel_INFO,
             )
-            return paramiko.AUTH_SUCCESSFUL
+            return AUTH_SUCCESSFUL
         # INFO: OpenSSH clients offer their other keys first, and anyone on the
         # X2Go server can cause this line without a key.
         self.logger(f"publickey auth ({key.get_name()}) for {username!r} refused", loglevel=log.loglevel_INFO)
-        return paramiko.AUTH_FAILED
+        return AUTH_FAILED
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind != "session":
             self.logger(f"refused channel of kind {kind!r}", loglevel=log.loglevel_WARN)
-            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         # paramiko registers the new channel only after this answer.
         if self.transport is not None and open_channel_count(self.transport) >= MAX_SESSIONS:
             self.logger(f"refused a session channel: {MAX_SESSIONS} already open on this connection",
                         loglevel=log.loglevel_WARN)
-            return paramiko.OPEN_FAILED_RESOURCE_SHORTAGE
-        return paramiko.OPEN_SUCCEEDED
+            return OPEN_FAILED_RESOURCE_SHORTAGE
+        return OPEN_SUCCEEDED
 
     def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
         if name != "sftp":

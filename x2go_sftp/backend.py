@@ -18,7 +18,7 @@ import functools
 import os
 import stat as stat_mod
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import paramiko
 from paramiko.sftp import SFTP_EOF, SFTP_OK
@@ -28,6 +28,9 @@ from . import budget, log, paramiko_compat
 from .exports import Export, Exports
 from .jail import Jail, Resolved, chmod_nofollow, refused
 from .status import OK, Status, from_oserror
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _OPEN_EXTRA = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
@@ -69,6 +72,18 @@ def _check_offset(value: int | None, what: str = "offset") -> None:
     """EINVAL for an offset or size off_t cannot hold (as OpenSSH's lseek/ftruncate)."""
     if value is not None and not 0 <= value <= MAX_OFFSET:
         raise OSError(errno.EINVAL, f"{what} out of range")
+
+
+def _flagged(value: int | None, what: str) -> int:
+    """An ATTRS field whose flag is set; EINVAL if the attributes claim a field they lack.
+
+    Attributes parsed from the wire always carry what their flags announce; an
+    ``SFTPAttributes`` built by other code may not, and must not reach a system
+    call as None.
+    """
+    if value is None:
+        raise OSError(errno.EINVAL, f"{what} flagged but missing")
+    return value
 
 
 # copy-data moves data in chunks of this size between two open handles (as OpenSSH's sftp-server).
@@ -122,9 +137,15 @@ def _zero_data_extents(fd: int, offset: int, length: int) -> None:
             pos += n
 
 
-def _attributes(st: os.stat_result, filename: str | None = None) -> SFTPAttributes:
-    attr = SFTPAttributes.from_stat(st)
-    attr.st_nlink = st.st_nlink  # for the engine's "ls -l" long name
+class StatAttributes(SFTPAttributes):
+    """``SFTPAttributes`` that also carry the link count, for the engine's "ls -l" long name."""
+
+    st_nlink: int
+
+
+def _attributes(st: os.stat_result, filename: str | None = None) -> StatAttributes:
+    attr = StatAttributes.from_stat(st)
+    attr.st_nlink = st.st_nlink
     if filename is not None:
         attr.filename = filename
     return attr
@@ -146,37 +167,42 @@ def _apply_attr_at(dir_fd: int, name: str, attr: SFTPAttributes) -> None:
     """
     flags = paramiko_compat.attr_flags(attr)
     if flags & attr.FLAG_SIZE:
-        _check_offset(attr.st_size, "size")
+        size = _flagged(attr.st_size, "size")
+        _check_offset(size, "size")
         fd = os.open(name, os.O_WRONLY | _OPEN_EXTRA, dir_fd=dir_fd)
         try:
             if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, "not a regular file")
-            os.ftruncate(fd, attr.st_size)
+            os.ftruncate(fd, size)
         finally:
             os.close(fd)
     if flags & attr.FLAG_PERMISSIONS:
+        mode = _flagged(attr.st_mode, "permissions")
         try:
             # Never through a symlink, and not only on glibc >= 2.32.
-            chmod_nofollow(dir_fd, name, attr.st_mode & 0o7777)
+            chmod_nofollow(dir_fd, name, mode & 0o7777)
         except (NotImplementedError, ValueError):
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) from None
     if flags & attr.FLAG_AMTIME:
-        os.utime(name, (attr.st_atime, attr.st_mtime), dir_fd=dir_fd, follow_symlinks=False)
+        times = (_flagged(attr.st_atime, "atime"), _flagged(attr.st_mtime, "mtime"))
+        os.utime(name, times, dir_fd=dir_fd, follow_symlinks=False)
     if flags & attr.FLAG_UIDGID:
-        os.chown(name, attr.st_uid, attr.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+        uid, gid = _flagged(attr.st_uid, "uid"), _flagged(attr.st_gid, "gid")
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def _apply_attr_fd(fd: int, attr: SFTPAttributes) -> None:
     flags = paramiko_compat.attr_flags(attr)
     if flags & attr.FLAG_SIZE:
-        _check_offset(attr.st_size, "size")
-        os.ftruncate(fd, attr.st_size)
+        size = _flagged(attr.st_size, "size")
+        _check_offset(size, "size")
+        os.ftruncate(fd, size)
     if flags & attr.FLAG_PERMISSIONS:
-        os.chmod(fd, attr.st_mode & 0o7777)
+        os.chmod(fd, _flagged(attr.st_mode, "permissions") & 0o7777)
     if flags & attr.FLAG_AMTIME:
-        os.utime(fd, (attr.st_atime, attr.st_mtime))
+        os.utime(fd, (_flagged(attr.st_atime, "atime"), _flagged(attr.st_mtime, "mtime")))
     if flags & attr.FLAG_UIDGID:
-        os.chown(fd, attr.st_uid, attr.st_gid)
+        os.chown(fd, _flagged(attr.st_uid, "uid"), _flagged(attr.st_gid, "gid"))
 
 
 class FileHandle(paramiko.SFTPHandle):
@@ -221,7 +247,7 @@ class FileHandle(paramiko.SFTPHandle):
         except OSError as e:
             return from_oserror(e)
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: ReadableBuffer) -> int:
         try:
             fd = self._live()
             if self.read_only:
@@ -453,7 +479,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
             mode = 0o666
             if attr is not None and paramiko_compat.attr_flags(attr) & attr.FLAG_PERMISSIONS:
-                mode = attr.st_mode & 0o7777
+                mode = _flagged(attr.st_mode, "permissions") & 0o7777
             self._take_budget(FILE_HANDLE_FDS)
             fd = -1
             try:
@@ -566,7 +592,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
             _check_writable(res)
             mode = 0o777
             if attr is not None and paramiko_compat.attr_flags(attr) & attr.FLAG_PERMISSIONS:
-                mode = attr.st_mode & 0o7777
+                mode = _flagged(attr.st_mode, "permissions") & 0o7777
             os.mkdir(res.leaf, mode, dir_fd=res.dir_fd)
             return OK
 

@@ -216,6 +216,8 @@ class SFTPEngine(paramiko.SFTPServer):
 
     file_table: dict[bytes, SFTPHandle]
     folder_table: dict[bytes, SFTPHandle]
+    # paramiko's constructor sets it to the channel (start_subsystem again): never None here.
+    sock: paramiko.Channel
 
     # Hold replies while more requests are already buffered (see _send); off
     # only to measure what it buys.
@@ -504,7 +506,7 @@ class SFTPEngine(paramiko.SFTPServer):
         """NAME reply from already encoded ``name, longname, attrs`` entries."""
         self._send(CMD_NAME, U32.pack(request_number) + U32.pack(len(entries)) + b"".join(entries))
 
-    def _send_one_name(self, request_number: int, name: str) -> None:
+    def _send_one_name(self, request_number: int, name: str | bytes) -> None:
         # As OpenSSH: the long name repeats the name; no attributes.
         raw = encode(name)
         self._send_names(request_number, [pack_string(raw) + pack_string(raw) + U32.pack(0)])
@@ -576,7 +578,9 @@ class SFTPEngine(paramiko.SFTPServer):
             # As OpenSSH (its close() of no handle fails with ENOENT).
             self._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "Invalid handle"))
             return
-        result = h.close()
+        # paramiko declares SFTPHandle.close() to return None; a backend's may return a status.
+        close: Callable[[], object] = h.close
+        result = close()
         # close() may report a deferred write error (NFS, quota): pass it on.
         self._send_status(request_number, result if isinstance(result, int) else SFTP_OK)
 
@@ -700,7 +704,7 @@ class SFTPEngine(paramiko.SFTPServer):
     def _do_readlink(self, request_number: int, req: Reader) -> None:
         resp = self.server.readlink(req.path())
         if isinstance(resp, (str, bytes)):
-            self._send_one_name(request_number, resp)  # type: ignore[arg-type]
+            self._send_one_name(request_number, resp)
         else:
             self._send_status(request_number, resp)
 

@@ -96,7 +96,7 @@ class LeanPacketizer(paramiko_compat.BoundedPacketizer):
     def read_message(self) -> tuple[int, paramiko.Message]:
         cv = self._lean_cv
         if cv is None:
-            return super().read_message()  # type: ignore[no-any-return]
+            return super().read_message()
         with cv:
             while True:
                 if self._lean_pushback is not None:
@@ -121,7 +121,7 @@ class LeanPacketizer(paramiko_compat.BoundedPacketizer):
                 if self.closed:
                     self._lean_active = False
                     raise EOFError()
-        return super().read_message()  # type: ignore[no-any-return]
+        return super().read_message()
 
     def _switch_off(self, owner: SessionIO, why: BaseException) -> None:
         """A hook failed in paramiko's thread (lock held): no fast path on this transport from now on."""

@@ -802,7 +802,8 @@ def paramiko_asbytes() -> Callable[[Any], Any] | None:
     for module in (getattr(paramiko, "common", None), getattr(paramiko, "util", None)):
         func = getattr(module, "asbytes", None)
         if callable(func):
-            return func
+            found: Callable[[Any], Any] = func
+            return found
     return None
 
 
@@ -1015,7 +1016,7 @@ def _hmac_digest_classes() -> list[Any]:
 def _openssl_name(func: Callable[[Any, Any, Any], bytes], digest_class: Any) -> str | None:
     """Probe: the hash name ``hmac.digest`` reproduces ``func`` with for ``digest_class``, else None."""
     try:
-        name = digest_class().name
+        name: str = digest_class().name
         if name not in HMAC_DIGEST_NAMES:
             return None
         for key_len in _HMAC_PROBE_LENGTHS:

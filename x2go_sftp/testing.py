@@ -16,6 +16,11 @@ import threading
 from typing import Any
 
 import paramiko
+from paramiko.common import (
+    AUTH_SUCCESSFUL,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_SUCCEEDED,
+)
 
 from . import log
 from .rforward import relay
@@ -49,7 +54,7 @@ class _Forward:
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", port))
         self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
+        self.port: int = self.listener.getsockname()[1]
         self._closed = False
         self.relays: list[threading.Thread] = []
         self.thread = threading.Thread(target=self._accept, daemon=True,
@@ -91,11 +96,11 @@ class _ServerPolicy(paramiko.ServerInterface):
         return "password"
 
     def check_auth_password(self, username: str, password: str) -> int:
-        return paramiko.AUTH_SUCCESSFUL
+        return AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         return (
-            paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            OPEN_SUCCEEDED if kind == "session" else OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         )
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:

@@ -12,7 +12,7 @@ import collections
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
@@ -190,7 +190,13 @@ def rekey_outer_to_gcm(transport: paramiko.Transport, logger: log.LoggerLike | N
     return now in gcm
 
 
-class ChunkPipe(BufferedPipe):
+if TYPE_CHECKING:
+    _BytesPipe = BufferedPipe[bytes]
+else:
+    _BytesPipe = BufferedPipe  # generic in the stubs only: paramiko's class takes no subscript
+
+
+class ChunkPipe(_BytesPipe):
     """A ``BufferedPipe`` that keeps fed data as a queue of chunks.
 
     paramiko's pipe appends to one ``array`` and deletes from its front on
@@ -369,7 +375,7 @@ class ReadAheadSocket:
     def recv(self, nbytes: int) -> bytes:
         """Up to ``nbytes``, from what was read ahead or else one channel read (same blocking, timeouts, EOF)."""
         if self._pos >= len(self._buf):
-            data = self._chan.recv(max(nbytes, READ_AHEAD_BYTES))
+            data: bytes = self._chan.recv(max(nbytes, READ_AHEAD_BYTES))
             if len(data) <= nbytes:
                 return data  # empty at EOF; nothing left over
             self._buf, self._pos = data, 0
