@@ -73,6 +73,7 @@ hours (copy-data with length 0 copies to EOF, as in OpenSSH).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -467,7 +468,7 @@ class Generator:
             pair = (rng.choice((0, 1, 65534, os.getuid(), 2**31, 2**32 - 1)), rng.choice((0, 1, 65534, os.getgid())))
             out += [("u32", pair[0] if extreme else os.getuid()), ("u32", pair[1] if extreme else os.getgid())]
         if flags & A_PERM:
-            mode = rng.choice(U32_EDGES + (0o7777, 0o4755, 0o170777, 0o100644, 0o40755)) if extreme else (
+            mode = rng.choice((*U32_EDGES, 0o7777, 0o4755, 0o170777, 0o100644, 0o40755)) if extreme else (
                 rng.choice((0o644, 0o600, 0o755, 0o700, 0o444, 0o1777, 0o2755, 0o000)))
             out.append(("u32", mode))
         if flags & A_TIME:
@@ -563,7 +564,7 @@ class Generator:
     def make_valid(self) -> Packet:
         name, t, fields = self.request()
         body = self.body(t, fields)
-        self.recent = (self.recent + [body])[-16:]
+        self.recent = [*self.recent, body][-16:]
         return frame_body(f"valid:{name}", body)
 
     def make_mutated(self) -> Packet:
@@ -618,7 +619,7 @@ class Generator:
         before, (kind, value), after = encode(fields[:i]), fields[i], encode(fields[i + 1:])
         whole = encode([(kind, value)])
         if kind == "str" and rng.random() < 0.5:
-            lie = rng.choice(LENGTH_LIES + (len(value) + 1, len(value) + len(after) + 1, max(len(value) - 1, 0)))
+            lie = rng.choice((*LENGTH_LIES, len(value) + 1, len(value) + len(after) + 1, max(len(value) - 1, 0)))
             return head + before + _U32.pack(lie) + value + after
         if kind in ("u32", "u64") and rng.random() < 0.5:
             edge = rng.choice(U64_EDGES if kind == "u64" else U32_EDGES)
@@ -1114,10 +1115,8 @@ class Session:
         return None
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.chan.close()
-        except Exception:
-            pass
 
 
 # -- the rig ----------------------------------------------------------------------------------

@@ -261,7 +261,7 @@ class SFTPClientAPI:
 
     def readdir(self, h: Any) -> list[tuple[str, dict[str, int]]]:
         try:
-            rt, r = self.raw.request(READDIR, _string(h))
+            _rt, r = self.raw.request(READDIR, _string(h))
         except Refused as e:
             if e.code == SFTP_EOF:
                 return []
@@ -312,9 +312,8 @@ class SFTPClientAPI:
 
 # -- the same API straight on the backend ------------------------------------
 def _check(result: Any) -> Any:
-    if isinstance(result, int) and not isinstance(result, bool):
-        if int(result) != 0:
-            raise Refused(int(result), getattr(result, "message", ""))
+    if isinstance(result, int) and not isinstance(result, bool) and int(result) != 0:
+        raise Refused(int(result), getattr(result, "message", ""))
     return result
 
 

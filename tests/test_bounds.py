@@ -15,6 +15,7 @@ backend) and checks one bound of issue 11:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -347,10 +348,8 @@ def _make_chain(root: str, depth: int, leaf: bytes = b"bottom") -> None:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(depth):
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.mkdir("d", dir_fd=fd)
-            except FileExistsError:
-                pass
             nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = nfd

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import os
 import re
@@ -86,16 +87,15 @@ def _private_uses(path: Path) -> set[tuple[str, int]]:
             in_pipe = any(a <= node.lineno <= b for a, b in pipe_classes)
             via_super = (isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
                          and node.value.func.id == "super")
-            if name in KNOWN_PRIVATE or "_Packetizer__" in name:
+            known = name in KNOWN_PRIVATE or "_Packetizer__" in name
+            pipe_field = name in PIPE_FIELDS and (not on_self or in_pipe)
+            inherited = via_super and name.startswith("_") and not name.startswith("__") and any(
+                hasattr(c, name) for c in PARAMIKO_CLASSES)
+            if known or pipe_field or inherited:
                 found.add((name, node.lineno))
-            elif name in PIPE_FIELDS and (not on_self or in_pipe):
-                found.add((name, node.lineno))
-            elif via_super and name.startswith("_") and not name.startswith("__") and any(
-                    hasattr(c, name) for c in PARAMIKO_CLASSES):
-                found.add((name, node.lineno))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if node.value in KNOWN_PRIVATE or "_Packetizer__" in node.value:
-                found.add((node.value, node.lineno))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                node.value in KNOWN_PRIVATE or "_Packetizer__" in node.value):
+            found.add((node.value, node.lineno))
     return found
 
 
@@ -141,7 +141,7 @@ def test_every_trick_was_checked_on_this_release_range() -> None:
     assert paramiko_compat.CHECKED_RELEASES == ((2, 12), (3, 5), (5, 1))
     for trick in paramiko_compat.TRICKS:
         assert trick.checked_on and all(r in paramiko_compat.CHECKED_RELEASES for r in trick.checked_on)
-        applies = paramiko_compat.PARAMIKO_RELEASE >= trick.applies_from
+        applies = trick.applies_from <= paramiko_compat.PARAMIKO_RELEASE
         assert trick.known(paramiko_compat.PARAMIKO_RELEASE) or not applies, trick
     assert not paramiko_compat.FAST_PATH.known((6, 0)) and paramiko_compat.FAST_PATH.known((5, 9))
     assert not paramiko_compat.BOUNDED_PACKETIZER.known((2, 11))
@@ -181,7 +181,7 @@ def test_known_release_turns_every_trick_on(make_tunnel: Callable[..., X2GoRevFw
     probe = paramiko_compat.probe(transport)
     assert probe is transport.compat  # probed once, cached on the transport
     for trick in paramiko_compat.TRICKS:
-        assert probe.may(trick) == (paramiko_compat.PARAMIKO_RELEASE >= trick.applies_from), trick.name
+        assert probe.may(trick) == (trick.applies_from <= paramiko_compat.PARAMIKO_RELEASE), trick.name
     expected = fastpath.LeanPacketizer if HAS_GCM else paramiko_compat.BoundedPacketizer
     assert type(transport.packetizer) is expected
     assert _compat_lines(caplog) == []
@@ -313,10 +313,8 @@ class RawPeer:
             return False
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         if self._sender is not None:
             self._sender.join(30)
         self.sock.close()
@@ -392,7 +390,7 @@ def test_no_lines_before_the_identification(no_leaks: None, tunnel: X2GoRevFwTun
         peer.banner()
         peer.sock.sendall(b"hello there\r\nSSH-2.0-late\r\n" + KEXINIT)
         assert peer.closed_by_server()
-        server_id, rest = peer.received.split(b"\n", 1)
+        _server_id, rest = peer.received.split(b"\n", 1)
         assert rest == b"", "the server went on to key exchange"
     finally:
         peer.close()

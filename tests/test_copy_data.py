@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,8 +76,8 @@ def test_copy_data_equals_the_plain_copy(api: SFTPClientAPI, export_dir: str, ca
     _layout(src_path, src_ext, src_size)
     if dst_ext is not None:
         _layout(dst_path, dst_ext, dst_size)
-    src_bytes = open(src_path, "rb").read()
-    dst_bytes = open(dst_path, "rb").read() if dst_ext is not None else b""
+    src_bytes = Path(src_path).read_bytes()
+    dst_bytes = Path(dst_path).read_bytes() if dst_ext is not None else b""
     src = api.open(src_path, READ)
     dst = api.open(dst_path, WRITE | CREATE)
     code = _copy(api, src, read_offset, length, dst, write_offset)
@@ -84,7 +85,7 @@ def test_copy_data_equals_the_plain_copy(api: SFTPClientAPI, export_dir: str, ca
     api.close(dst)
     short = length and read_offset + length > src_size
     assert code == (1 if short else 0), case  # SSH_FX_EOF when the source ends first
-    got = open(dst_path, "rb").read()
+    got = Path(dst_path).read_bytes()
     assert got == _expected(src_bytes, dst_bytes, read_offset, length, write_offset), case
 
 

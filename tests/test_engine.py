@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import paramiko
 import pytest
@@ -861,7 +861,7 @@ def engine_over_socketpair(sftp_si: type, **kwargs: Any) -> Iterator[RawSFTP]:
 
 
 class _RecordingDirHandle(DirHandle):
-    asked: list[int] = []
+    asked: ClassVar[list[int]] = []
 
     def read_batch(self, max_names: int) -> list[Any] | int:
         type(self).asked.append(max_names)
@@ -1160,7 +1160,7 @@ def test_replies_match_openssh_sftp_server(raw: RawSFTP, export_dir: str) -> Non
             _populate(root)
             got = _reply(raw, t, body)
             assert got == expected, (t, body)
-            if t == SETSTAT or t == EXTENDED:
+            if t in (SETSTAT, EXTENDED):
                 # The effect on the file (mode, size, times) is the same too.
                 now = {p: os.lstat(p) for p in (R + "/f", R + "/dir")}
                 for p, st in now.items():

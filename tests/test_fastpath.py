@@ -9,6 +9,7 @@ each must hand the transport back to paramiko at the right packet.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -241,10 +242,8 @@ class CorruptingProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self.listener.close()
@@ -520,5 +519,5 @@ def test_no_data_is_sent_once_a_key_exchange_began(make_tunnel: Callable[..., X2
 def _rekey(server: paramiko.Transport, errors: list[BaseException]) -> None:
     try:
         server.renegotiate_keys()
-    except BaseException as e:  # noqa: B036  (reported to the test's thread)
+    except BaseException as e:  # reported to the test's thread
         errors.append(e)

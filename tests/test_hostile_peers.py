@@ -25,6 +25,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -314,9 +315,9 @@ def test_a_thread_that_cannot_start_refuses_one_channel_and_the_tunnel_serves_on
 
     monkeypatch.setattr(X2GoRevFwSFTPChannelThread, "start", start_or_fail)
     try:
-        with caplog.at_level(logging.WARNING, logger="x2go_sftp"):
-            with pytest.raises((paramiko.SSHException, EOFError, OSError)):
-                sftp_client(tunnel.server_port, session_key, local_user)
+        with (caplog.at_level(logging.WARNING, logger="x2go_sftp"),
+              pytest.raises((paramiko.SSHException, EOFError, OSError))):
+            sftp_client(tunnel.server_port, session_key, local_user)
         assert not faults and messages(caplog, "could not start its thread")
         assert tunnel.is_alive() and tunnel.forwarding
         assert client.listdir(export_dir) == ["hello.txt"]  # the running session goes on
@@ -517,7 +518,7 @@ def test_pre_auth_flood_leaves_a_real_sshfs_mount_working(
         record_property("flood_connections", connections)
         record_property("peak_pending", peak_pending)
         record_property("peak_extra_threads", peak_threads)
-        assert open(os.path.join(export_dir, "written-during-flood"), "rb").read() == b"still here\n"
+        assert Path(export_dir, "written-during-flood").read_bytes() == b"still here\n"
         assert peak_pending <= auth.MAX_STARTUPS
         assert peak_threads <= THREADS_PER_PENDING * auth.MAX_STARTUPS
         assert tunnel.login_gate.logged_in == 1  # the mount's connection

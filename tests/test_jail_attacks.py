@@ -645,7 +645,7 @@ def client(mode: str, sandbox: Sandbox, request: pytest.FixtureRequest) -> Itera
 
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_attack(name: str, sandbox: Sandbox, client: Client) -> None:
-    category, fn = ATTACKS[name]
+    _category, fn = ATTACKS[name]
     sandbox.prime()
     before = sandbox.snapshot()
     fds = _open_fds()

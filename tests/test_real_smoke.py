@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 from tests.realpeers import run_sftp, write_key_files
 
@@ -23,7 +24,7 @@ def test_sshfs_mount_through_real_sshd(real_sshd, session_key, host_key, tmp_pat
         mnt = sshfs_mount(tunnel.server_port, keyfile, ident, export_dir)
         payload = os.urandom(3 * 1024 * 1024 + 17)
         (mnt / "big.bin").write_bytes(payload)
-        local = open(os.path.join(export_dir, "big.bin"), "rb").read()
+        local = Path(export_dir, "big.bin").read_bytes()
         assert hashlib.sha256(local).digest() == hashlib.sha256(payload).digest()
         assert (mnt / "hello.txt").read_text() == "hello\n"
     finally:

@@ -314,7 +314,7 @@ def test_share_mounts_moves_data_both_ways_and_ctrl_c_leaves_nothing(
     res = as_user(remote_user, "mkdir", str(mnt_b / "made-there"))
     assert res.returncode == 0 and (b / "made-there").is_dir()
 
-    rc, out, err = cmd.stop(signal.SIGINT)
+    rc, _out, err = cmd.stop(signal.SIGINT)
     assert rc == 0, err
     assert not is_mounted(mnt_a) and not is_mounted(mnt_b)
     assert key_dirs(remote_user) == []
@@ -374,7 +374,7 @@ def test_accept_new_adds_the_host_and_an_unknown_host_is_refused(
     a, _ = folders
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
-    rc, out, err = run_share(dest(), str(a), known=empty).finish()
+    rc, _out, err = run_share(dest(), str(a), known=empty).finish()
     assert rc == 2 and f"the host [127.0.0.1]:{server.port} is not known" in err and "--accept-new" in err
     assert empty.read_text() == "" and key_dirs(remote_user) == []
 

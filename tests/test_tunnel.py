@@ -324,7 +324,7 @@ class FakeSession:
     def __init__(self) -> None:
         self.denied: list[int] = []
 
-    def HOOK_rforward_request_denied(self, server_port: int) -> None:  # noqa: N802 (python-x2go's name)
+    def HOOK_rforward_request_denied(self, server_port: int) -> None:  # python-x2go's name
         self.denied.append(server_port)
 
 
@@ -413,7 +413,7 @@ def test_read_only_refusal_has_the_permission_errno(make_tunnel, connect, export
     with pytest.raises(PermissionError) as info:
         client.open(export_dir + "/hello.txt", "ab")
     assert info.value.errno == errno.EACCES
-    assert open(os.path.join(export_dir, "hello.txt")).read() == "hello\n"
+    assert Path(export_dir, "hello.txt").read_text() == "hello\n"
 
 
 def test_a_fifo_in_the_export_cannot_hang_the_session(sftp: paramiko.SFTPClient, export_dir: str):

@@ -26,6 +26,7 @@ points, and OpenSSH's own ssh/sftp against the tunnel.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -153,7 +154,7 @@ class Driver:
 
     def __init__(self, python: str, cfg: dict[str, Any], stderr_path: Path):
         self.stderr_path = stderr_path
-        self._stderr = open(stderr_path, "wb")
+        self._stderr = open(stderr_path, "wb")  # noqa: SIM115 (the driver's stderr while it runs; close() closes it)
         self.proc = subprocess.Popen([python, str(DRIVER), json.dumps(cfg)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1)
         self._sel = selectors.DefaultSelector()
@@ -187,10 +188,8 @@ class Driver:
 
     def close(self) -> int:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(OSError):
                 self.send("quit")
-            except OSError:
-                pass
             try:
                 self.proc.wait(STEP_TIMEOUT)
             except subprocess.TimeoutExpired:

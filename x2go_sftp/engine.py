@@ -37,6 +37,7 @@ too (``__all__``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
@@ -453,10 +454,8 @@ class SFTPEngine(paramiko.SFTPServer):
     def finish_subsystem(self) -> None:
         """Close every handle this session still holds (each one, whatever the others do)."""
         if self._out:
-            try:
+            with contextlib.suppress(Exception):  # the channel is already gone
                 self._flush()  # replies to the requests before the one that ended the session
-            except Exception:
-                pass  # the channel is already gone
         try:
             self.server.session_ended()
         except Exception as e:
@@ -472,14 +471,10 @@ class SFTPEngine(paramiko.SFTPServer):
         if self.requests and self.xlog.enabled(log.loglevel_DEBUG):
             summary = " ".join(f"{k}={v}" for k, v in sorted(self.requests.items()))
             self.xlog(f"sFTP session ended; requests: {summary}", loglevel=log.loglevel_DEBUG)
-        try:
+        with contextlib.suppress(Exception):  # the channel is already gone
             self.sock.send_exit_status(self.exit_status)
-        except Exception:
-            pass  # the channel is already gone
-        try:
+        with contextlib.suppress(Exception):
             self.sock.close()
-        except Exception:
-            pass
         self._tell_observer("session_ended")
 
     def _tell_observer(self, event: str) -> None:

@@ -21,6 +21,7 @@ walk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ntpath
 import os
@@ -111,7 +112,7 @@ def windows_local_to_sftp(local: str) -> str:
             raise ValueError(f"UNC path without a share: {local!r}")
         return UNCPATH_PREFIX + "/".join(_windows_parts(unc, local) + parts)
     if len(drive) == 2 and drive[1] == ":" and drive[0].isascii() and drive[0].isalpha():
-        return WINDRIVE_PREFIX + "/".join([drive[0]] + parts)
+        return WINDRIVE_PREFIX + "/".join([drive[0], *parts])
     raise ValueError(f"not an absolute Windows path: {local!r}")
 
 
@@ -410,10 +411,8 @@ class Exports:
             exports = list(self._exports)
         if len(exports) > 1:
             for export in exports:
-                try:
+                with contextlib.suppress(OSError):
                     export.follow()
-                except OSError:
-                    pass
         out: dict[tuple[int, int], bool] = {}
         for export in exports:
             out[export.root_id] = out.get(export.root_id, False) or export.read_only

@@ -35,6 +35,7 @@ inner transport's packets itself:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
@@ -127,10 +128,8 @@ class LeanPacketizer(paramiko_compat.BoundedPacketizer):
         """A hook failed in paramiko's thread (lock held): no fast path on this transport from now on."""
         self._lean_off = True
         self._lean_active = False
-        try:
+        with contextlib.suppress(Exception):  # the engine checks parked() before it reads anyway
             owner.withdraw_offer()
-        except Exception:
-            pass  # the engine checks parked() before it reads anyway
         _log_off(f"fast path off for {self._lean_transport!r}: {why!r} in paramiko's thread; "
                  f"paramiko reads on", loglevel=log.loglevel_WARN)
 

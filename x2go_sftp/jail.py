@@ -151,7 +151,7 @@ class Resolved:
     @property
     def components(self) -> list[str]:
         """Physical components below the export root, the final name included."""
-        return self._names + [self.name] if self.name is not None else list(self._names)
+        return [*self._names, self.name] if self.name is not None else list(self._names)
 
     @property
     def sftp_path(self) -> str:

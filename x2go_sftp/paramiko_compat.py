@@ -13,6 +13,7 @@ the answer is no, the plain paramiko path is used, and one INFO line says why.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import struct
@@ -212,10 +213,8 @@ def probe(transport: Any, logger: log.LoggerLike | None = None) -> Probe:
             if missing:
                 result.why_not[trick.name] = "missing " + ", ".join(missing)
         result.allowed[trick.name] = trick.name not in result.why_not
-    try:
+    with contextlib.suppress(Exception):
         setattr(transport, _PROBE_ATTR, result)
-    except Exception:
-        pass
     if result.why_not:
         version = getattr(paramiko, "__version__", "?")
         reasons = "; ".join(f"{name}: {why}" for name, why in result.why_not.items())
@@ -714,10 +713,8 @@ def cancel_handshake_timer(transport: Any) -> None:
     """
     complete = getattr(getattr(transport, "packetizer", None), "complete_handshake", None)
     if complete is not None:
-        try:
+        with contextlib.suppress(Exception):
             complete()
-        except Exception:
-            pass
 
 
 # -- paramiko 2.x: asbytes() formats the repr of every packet it sends ----------------

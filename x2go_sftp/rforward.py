@@ -15,6 +15,7 @@ channel object itself to its tunnel; nothing shared is involved.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import socket
 import threading
@@ -121,10 +122,8 @@ class X2GoRevFwChannelThread(threading.Thread):
 
     def close_channel(self) -> None:
         """Close the channel this thread serves (its handler then returns)."""
-        try:
+        with contextlib.suppress(Exception):
             self.channel.close()
-        except Exception:
-            pass
 
 
 class X2GoRevFwTunnel(threading.Thread):
@@ -282,11 +281,9 @@ class X2GoRevFwTunnel(threading.Thread):
 
     def __del__(self) -> None:
         # python-x2go calls tunnel.__del__() explicitly when a session ends.
-        try:
+        with contextlib.suppress(Exception):
             if getattr(self, "_keepalive", False) and self.is_alive():
                 self.stop_thread()
-        except Exception:
-            pass
 
     def _close_open_channels(self) -> None:
         for thread in list(self.open_channels.values()):
@@ -361,10 +358,8 @@ class X2GoRevFwTunnel(threading.Thread):
             # one channel; the tunnel and every session it serves go on.
             forget(thread)
             self.logger(f"refused channel {chan}: could not start its thread: {e}", loglevel=log.loglevel_WARN)
-            try:
+            with contextlib.suppress(OSError, EOFError):  # the transport died first
                 chan.close()
-            except (OSError, EOFError):  # the transport died first
-                pass
             return False
         if not self._accept_channels:  # paused while we were starting it
             thread.close_channel()
@@ -399,10 +394,8 @@ def relay(sock: socket.socket, chan: paramiko.Channel, keep_going: Callable[[], 
         state.error = state.error or e
     finally:
         state.done.set()
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)  # wakes the other direction's recv
-        except OSError:
-            pass
         upstream.join()
     if state.error is not None:
         raise state.error
@@ -478,9 +471,7 @@ def x2go_rev_forward_channel_handler(
     except (OSError, EOFError) as e:
         xlog(f"reverse tunnel {chan} socket error: {e}", loglevel=log.loglevel_WARN)
     finally:
-        try:
+        with contextlib.suppress(OSError, EOFError):  # the transport died first
             chan.close()
-        except (OSError, EOFError):  # the transport died first
-            pass
         fw_socket.close()
     xlog(f"reverse tunnel {chan} closed", loglevel=log.loglevel_INFO)

@@ -9,6 +9,7 @@ serves only the exported folders over SFTP.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -181,10 +182,8 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         arrived = time.monotonic()
         login = self.login_gate.admit()
         if login is None:  # too many connections logging in: no thread, no key exchange
-            try:
+            with contextlib.suppress(OSError, EOFError):  # the transport died first
                 chan.close()
-            except (OSError, EOFError):  # the transport died first
-                pass
             return
         self.logger(f"sFTP channel {chan} for server port [127.0.0.1]:{self.server_port} is up",
                     loglevel=log.loglevel_DEBUG)

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import secrets
@@ -251,7 +252,7 @@ def run_remote(transport: paramiko.Transport, command: str, timeout: float = REM
                 break
             out = (out + data)[-MAX_COMMAND_OUTPUT:]
         while not chan.exit_status_ready():
-            if time.monotonic() >= deadline or chan.closed and not chan.exit_status_ready():
+            if time.monotonic() >= deadline or (chan.closed and not chan.exit_status_ready()):
                 break
             time.sleep(EXIT_STATUS_POLL)
         status = chan.recv_exit_status() if chan.exit_status_ready() else -1
@@ -375,10 +376,8 @@ class Share:
                     self._unmount(m, quiet=True)
             self._remove_remote_files(connected and self.transport.is_active())
             if self._sftp is not None:
-                try:
+                with contextlib.suppress(Exception):
                     self._sftp.close()
-                except Exception:
-                    pass
             for problem in self.problems:
                 self._log(problem, loglevel=log.loglevel_WARN)
             return self.problems
@@ -433,10 +432,8 @@ class Share:
         for path in reversed(self._created_dirs):
             if any(m.mounted and m.mountpoint == path for m in self.mounts):
                 continue  # still mounted: removing would fail anyway
-            try:
+            with contextlib.suppress(Exception):  # not empty any more (the user put something there): keep it
                 sftp.rmdir(path)
-            except Exception:
-                pass  # not empty any more (the user put something there): keep it
         self._created_dirs = []
 
     def __enter__(self) -> Share:
@@ -698,8 +695,8 @@ __all__ = [
     "Share",
     "ShareCancelled",
     "ShareError",
-    "check_local_folders",
     "StdlibLogger",
+    "check_local_folders",
     "run_remote",
     "share",
     "sshfs_command",

@@ -11,6 +11,7 @@ sockets.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from typing import Any
@@ -37,10 +38,8 @@ def _relay(sock: socket.socket, chan: paramiko.Channel) -> None:
     except (OSError, EOFError):
         pass
     finally:
-        try:
+        with contextlib.suppress(OSError, EOFError):  # the transport died first
             chan.close()
-        except (OSError, EOFError):  # the transport died first
-            pass
         sock.close()
 
 
@@ -80,10 +79,8 @@ class _Forward:
 
     def close(self) -> None:
         self._closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.listener.close()
 
 
@@ -190,10 +187,8 @@ class LoopbackX2GoServer:
 
     def close(self) -> None:
         """Stop listening, close every forward and transport."""
-        try:
+        with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._listener.close()
         with self.lock:
             forwards, self.forwards = list(self.forwards.values()), {}

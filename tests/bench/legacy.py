@@ -22,6 +22,7 @@ Not for production use: it has none of the jail of :mod:`x2go_sftp`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -232,11 +233,9 @@ class LegacyTunnel(threading.Thread):
 
     def stop(self) -> None:
         self._keepalive = False
-        try:
+        with contextlib.suppress(Exception):
             self.ssh_transport.global_request("cancel-tcpip-forward", (FORWARD_ADDRESS, self.server_port),
                                               wait=True)
-        except Exception:
-            pass
         self.notify()
 
     def run(self) -> None:

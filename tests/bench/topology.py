@@ -104,9 +104,8 @@ LogLevel ERROR
 """
     )
     os.makedirs("/run/sshd", exist_ok=True)
-    log = open(workdir / "sshd.log", "wb")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
-    log.close()
+    with open(workdir / "sshd.log", "wb") as log:
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
     try:
         wait_for_port(port, START_TIMEOUT)
     except TimeoutError:

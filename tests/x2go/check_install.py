@@ -18,8 +18,8 @@ MARK = "@@x2go-driver "
 def main() -> int:
     sys.path.insert(0, sys.argv[1])
     import paramiko
-    import x2go  # noqa: F401  (python-x2go's own gevent patching, as in PyHoca)
-    import x2go.backends.control.plain  # noqa: F401  (applies python-x2go's paramiko patches)
+    import x2go  # python-x2go's own gevent patching, as in PyHoca
+    import x2go.backends.control.plain  # applies python-x2go's paramiko patches
     import x2go.backends.terminal.plain as terminal_plain
     import x2go.defaults
     import x2go.rforward
@@ -38,7 +38,7 @@ def main() -> int:
         buf = io.BytesIO()
         try:
             paramiko.RSAKey.generate(1024).write_private_key(buf)
-        except Exception as e:  # noqa: BLE001  (we report what python-x2go would hit)
+        except Exception as e:  # we report what python-x2go would hit
             return f"{type(e).__name__}: {e}"
         return buf.getvalue().decode().splitlines()[0]
 

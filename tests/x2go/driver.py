@@ -110,7 +110,7 @@ def main() -> int:
 
         x2go.sftpserver.X2GoRevFwTunnelToSFTP = x2go_sftp.X2GoRevFwTunnelToSFTP
 
-    import x2go  # noqa: F401  (applies python-x2go's gevent monkey patching, as in PyHoca)
+    import x2go  # applies python-x2go's gevent monkey patching, as in PyHoca
     import x2go.log
     from x2go.client import X2GoClient
 
