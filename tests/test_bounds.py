@@ -160,6 +160,31 @@ def test_backend_refuses_offsets_beyond_off_t_without_raising(export_dir: str) -
         exports.clear()
 
 
+def test_backend_refuses_attributes_that_claim_a_field_they_lack(export_dir: str) -> None:
+    """Attributes built by other code whose flags announce a field left None: a status, no system call."""
+    path = P(export_dir, "f")
+    Path(path).write_bytes(b"data")
+    before = os.stat(path)
+    exports = Exports([export_dir])
+    try:
+        backend = JailedSFTPServer(None, exports=exports)
+        f = backend.open(path, os.O_RDWR, paramiko.SFTPAttributes())
+        try:
+            for flag in (paramiko.SFTPAttributes.FLAG_SIZE, paramiko.SFTPAttributes.FLAG_PERMISSIONS,
+                         paramiko.SFTPAttributes.FLAG_AMTIME, paramiko.SFTPAttributes.FLAG_UIDGID):
+                attr = paramiko.SFTPAttributes()
+                attr._flags = flag
+                for result in (f.chattr(attr), backend.chattr(path, attr), backend.lsetstat(path, attr)):
+                    assert (int(result), result.message) == (FX_FAILURE, "Invalid argument"), flag
+        finally:
+            f.close()
+        after = os.stat(path)
+        assert Path(path).read_bytes() == b"data"
+        assert (after.st_mode, after.st_mtime_ns, after.st_uid) == (before.st_mode, before.st_mtime_ns, before.st_uid)
+    finally:
+        exports.clear()
+
+
 def _flood(raw: RawSFTP, packets: list[tuple[int, bytes]], expect: tuple[int, str]) -> None:
     """Send ``packets`` pipelined (a window of requests in flight) and check every reply."""
     window = 200
