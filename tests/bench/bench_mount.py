@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"({ASBYTES_FIX_ENV}=0), or both")
     parser.add_argument("--refresh-venvs", action="store_true", help="rebuild the paramiko venvs from scratch")
     parser.add_argument("--disable", default="",
-                        help="switch library optimisations off: nodelay,gcm,pipe,fit,readahead,hold,fastpath,ack,hmac,"
+                        help="switch library optimisations off: nodelay,gcm,pipe,fit,readahead,hold,fastpath,ack,"
                              "asbytes")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                         help="override an integer constant of x2go_sftp.tuning in the library workers")
