@@ -350,7 +350,6 @@ def install(host_key: paramiko.PKey | None = None) -> bool:
         record.replace(paramiko.PKey, paramiko_compat.PKEY_PRIVATE_WRITER, _write_private_key)
 
     paramiko_compat.fix_asbytes()  # 6. paramiko 2.x: python-x2go's connection formats no repr per packet
-    paramiko_compat.fix_hmac()  # 7. python-x2go's connection: OpenSSL's one-shot HMAC per packet
     setattr(x2go_sftpserver, _RECORD_ATTR, record)
     log.tagged(None, _LOG_TAG)(
         f"python-x2go now shares folders through x2go-sftp ({len(record.patches)} replacements)",

@@ -899,22 +899,18 @@ def restore_asbytes() -> bool:
     return True
 
 
-# -- every paramiko: an hmac.HMAC object per packet ---------------------------------------
+# -- every paramiko: a pure-Python HMAC object per packet -------------------------------
 #
 # paramiko's ``packet.compute_hmac(key, message, digest_class)`` (defined in
 # ``paramiko/packet.py`` itself on 2.12, 3.5 and 5.1; nothing else binds it) is
-# ``hmac.HMAC(key, message, digest_class).digest()``: a Python HMAC object for
-# every packet, in both directions, on every transport whose cipher is not an
-# AEAD (paramiko 2.12's inner transport: aes128-ctr + hmac-sha2-256; python-x2go's
-# connection unless ``outer_gcm``).  ``hmac.digest(key, message, name)`` is
-# OpenSSL's one-shot HMAC, the same bytes (RFC 2104), ETM or not (paramiko calls
-# the same function for both).  What it saves is small: on CPython built with
-# OpenSSL, ``hmac.HMAC`` already hands a hashlib constructor to OpenSSL's HMAC
-# (its ``_init_hmac``, which hashes the whole message), so the
-# ``HMAC._init_hmac`` share of a profile (9 % read, 18 % write under 2.12) is
-# the SHA-2 work itself; only the Python object around it goes.  Measured
-# (timeit, best of 7): 32 KiB + sha256 24.0 -> 23.9 us, sha512 56.7 -> 48.3 us
-# (noisy), 64 bytes 2.1 -> 2.3 us: within noise of paramiko's own.
+# ``hmac.HMAC(key, message, digest_class).digest()``: for every packet, in both
+# directions, Python builds an HMAC object (two hash objects, key padding and
+# translation) around two OpenSSL hash calls.  With AES-CTR + HMAC-SHA2, which
+# paramiko 2.12 negotiates on our inner transport (it has no AES-GCM) and every
+# release negotiates on python-x2go's outer connection unless ``outer_gcm``,
+# ``HMAC._init_hmac`` was 9 % (read) and 18 % (write) of our process's CPU under
+# 2.12.  ``hmac.digest(key, message, name)`` is OpenSSL's one-shot HMAC with the
+# same result (RFC 2104), ETM or not (paramiko calls the same function for both).
 #
 # :func:`fix_hmac` probes the behaviour: for each digest class paramiko's MACs
 # use (``Transport._mac_info``: md5, sha1, sha256, sha512) whose hash name is in
@@ -924,7 +920,7 @@ def restore_asbytes() -> bool:
 # other class (a digest paramiko adds later, a hash OpenSSL refuses, e.g. md5
 # under FIPS) keeps paramiko's function.  Nothing is bound when paramiko's
 # ``compute_hmac`` is missing, is not paramiko's own (someone else's wrapper),
-# or no class passes.  Process-wide: python-x2go's connection gets it as well;
+# or no class passes.  Process-wide, so python-x2go's connection is faster too;
 # opt out with ``X2GO_SFTP_HMAC_FIX=0`` (read at each call, so set it before
 # the first tunnel); undo with :func:`restore_hmac`.  Checked on: 2.12, 3.5 and
 # 5.1 (applied on all three, every digest class passing).
@@ -984,28 +980,14 @@ def paramiko_compute_hmac() -> Callable[[Any, Any, Any], bytes] | None:
     return func if callable(func) else None
 
 
-def mac_digests() -> dict[str, Any]:
-    """Each MAC this paramiko implements, by SSH name, with the hash constructor it uses (``Transport._mac_info``)."""
-    mac_info = getattr(paramiko.Transport, "_mac_info", None)
-    if not isinstance(mac_info, dict):
-        return {}
-    return {
-        str(name): info["class"]
-        for name, info in mac_info.items()
-        if isinstance(info, dict) and callable(info.get("class"))
-    }
-
-
-def negotiated_macs(transport: Any) -> tuple[str, str]:
-    """The MACs agreed for (sending, receiving) on ``transport``, "" where none yet (or an AEAD cipher)."""
-    return (str(getattr(transport, "local_mac", "") or ""), str(getattr(transport, "remote_mac", "") or ""))
-
-
 def _hmac_digest_classes() -> list[Any]:
-    """The hash constructors paramiko's MACs use (and hashlib's four), each once, in paramiko's order."""
+    """The hash constructors paramiko's MACs use, each once, in paramiko's order."""
     found: list[Any] = []
-    for cls in [*mac_digests().values(), hashlib.md5, hashlib.sha1, hashlib.sha256, hashlib.sha512]:
-        if cls not in found:
+    mac_info = getattr(paramiko.Transport, "_mac_info", None)
+    candidates = [v.get("class") for v in mac_info.values()] if isinstance(mac_info, dict) else []
+    candidates += [hashlib.md5, hashlib.sha1, hashlib.sha256, hashlib.sha512]
+    for cls in candidates:
+        if callable(cls) and cls not in found:
             found.append(cls)
     return found
 
@@ -1102,6 +1084,5 @@ def restore_hmac() -> bool:
             if getattr(module, "compute_hmac", None) is compute_hmac_oneshot:
                 module.compute_hmac = original
         _hmac_original = None
-        # The table stays: a packet already inside the replacement gets OpenSSL's bytes, which are
-        # paramiko's (probed); anything else there goes to paramiko's function (_hmac_fallback).
+        # The table stays: a packet already inside the replacement still gets the same bytes.
     return True

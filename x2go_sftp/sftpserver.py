@@ -158,7 +158,6 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         if outer_gcm:
             tuning.rekey_outer_to_gcm(ssh_transport, self.logger)
         paramiko_compat.fix_asbytes(self.logger)  # paramiko 2.x: no repr per packet sent (process-wide)
-        paramiko_compat.fix_hmac(self.logger)  # OpenSSL's one-shot HMAC per packet (process-wide)
 
     def add_export(self, path: str, read_only: bool = False) -> None:
         """Serve the local directory ``path`` (absolute) from now on."""

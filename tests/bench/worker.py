@@ -10,8 +10,7 @@ runs a long command on the connection (python-x2go always has one), starts
 the tunnel and prints one JSON line ``{"port": N}``.  It exits when its
 standard input closes.  ``--disable`` switches single optimisations off to
 measure what each buys (nodelay, gcm, pipe, fit, readahead, hold, fastpath, ack; command: no remote command, a forward-only connection;
-asbytes: paramiko 2.x's own asbytes, which formats the repr of every packet sent; hmac: paramiko's own
-compute_hmac, an hmac.HMAC object per packet, also in ``forward`` mode); ``--outer-gcm``
+asbytes: paramiko 2.x's own asbytes, which formats the repr of every packet sent); ``--outer-gcm``
 turns on the opt-in rekey of the outer connection to AES-GCM.
 
 The library's tunnel applies x2go_sftp.paramiko_compat.fix_asbytes (paramiko 2.x
@@ -89,7 +88,6 @@ class Relay:
         from x2go_sftp import paramiko_compat
 
         paramiko_compat.fix_asbytes()  # as our tunnel does for python-x2go's connection
-        paramiko_compat.fix_hmac()  # likewise (opt-out X2GO_SFTP_HMAC_FIX=0: --disable hmac)
         self.server_port = transport.request_port_forward("127.0.0.1", 0, self.handler)
 
     def handler(self, chan: paramiko.Channel, origin: object, server: object) -> None:
@@ -181,8 +179,6 @@ def disable(names: list[str]) -> None:
             SFTPEngine.hold_replies = False
         elif name == "asbytes":
             os.environ["X2GO_SFTP_ASBYTES_FIX"] = "0"  # the opt-out, read when the tunnel is made
-        elif name == "hmac":
-            os.environ["X2GO_SFTP_HMAC_FIX"] = "0"  # the opt-out, read when the tunnel (or Relay) is made
         elif name not in ("nodelay", "command") and name:
             raise SystemExit(f"unknown optimisation {name!r}")
 
@@ -209,8 +205,6 @@ def main() -> None:
     transport, command = outer_connection(args.sshd_port, client_key, args.user, "command" not in off)
 
     if args.mode == "forward":
-        if "hmac" in off:
-            disable(["hmac"])  # python-x2go's connection is all there is to measure here
         relay = Relay(transport, args.target)
         port = relay.server_port
         stop = relay.stop
