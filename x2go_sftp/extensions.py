@@ -187,12 +187,8 @@ def expand_path(engine: SFTPEngine, request_number: int, req: Reader) -> None:
     path = req.path()
     if path.startswith("~"):
         user, _, rest = path[1:].partition("/")
-        if user and user != engine.username:
-            engine._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "No such user"))
-            return
-        home = _home(engine)
+        home = _home_of(engine, request_number, user)
         if home is None:
-            engine._send_status(request_number, Status(SFTP_PERMISSION_DENIED, "Nothing is exported"))
             return
         path = home + "/" + rest if rest else home
     # Anything else (relative paths included) is a REALPATH against our home.
@@ -201,15 +197,20 @@ def expand_path(engine: SFTPEngine, request_number: int, req: Reader) -> None:
 
 def home_directory(engine: SFTPEngine, request_number: int, req: Reader) -> None:
     """home-directory: the home of the session's user (the only user we answer for)."""
-    user = decode(req.string())
+    home = _home_of(engine, request_number, decode(req.string()))
+    if home is not None:
+        engine._send_one_name(request_number, home)
+
+
+def _home_of(engine: SFTPEngine, request_number: int, user: str) -> str | None:
+    """The home of ``user`` ("" or the session's user), or None after answering why there is none."""
     if user and user != engine.username:
         engine._send_status(request_number, Status(SFTP_NO_SUCH_FILE, "No such user"))
-        return
+        return None
     home = _home(engine)
     if home is None:
         engine._send_status(request_number, Status(SFTP_PERMISSION_DENIED, "Nothing is exported"))
-        return
-    engine._send_one_name(request_number, home)
+    return home
 
 
 def users_groups_by_id(engine: SFTPEngine, request_number: int, req: Reader) -> None:
