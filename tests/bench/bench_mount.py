@@ -653,7 +653,16 @@ def main(argv: list[str] | None = None) -> int:
                     bench.label = f"paramiko-{config.label}".replace(" ", "-") if config else ""
                     target = runs[config.label][v] if config else baseline[v]
                     t0 = time.monotonic()
-                    target.append(bench.run_variant(v))
+                    try:
+                        target.append(bench.run_variant(v))
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                        # A variant that cannot serve is a finding, not the end of the run: the
+                        # stock design cannot mount on paramiko 2.12 ("no mutual signature").
+                        target.append(Result())
+                        print(f"# round {rnd + 1}/{rounds} {config.label + ' ' if config else ''}{v}: "
+                              f"FAILED: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+                              flush=True)
+                        continue
                     print(f"# round {rnd + 1}/{rounds} {config.label + ' ' if config else ''}{v}: "
                           f"{time.monotonic() - t0:.0f}s "
                           + json.dumps({k: round(x, 3) for k, x in target[-1].values.items()}), flush=True)
