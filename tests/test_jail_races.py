@@ -164,7 +164,10 @@ def test_directory_swapped_for_symlink(sandbox: Sandbox, client: Client) -> None
     def rename(i: int) -> None:
         c.mkdir(sb.e("race", f"r-{i}"))
         c.rename(sb.e("race", f"r-{i}"), sb.e("race", f"r2-{i}"))
-        c.posix_rename(sb.e("race", f"r2-{i}"), sb.e("race", f"r3-{i}"))
+
+    def posix_rename(i: int) -> None:
+        c.mkdir(sb.e("race", f"p-{i}"))
+        c.posix_rename(sb.e("race", f"p-{i}"), sb.e("race", f"p2-{i}"))
 
     def remove(i: int) -> None:
         c.symlink("secret.txt", sb.e("race", f"link-{i}"))
@@ -187,7 +190,7 @@ def test_directory_swapped_for_symlink(sandbox: Sandbox, client: Client) -> None
 
     sb.prime()
     before = sb.snapshot()
-    ops = [read, create, chmod, truncate, rename, remove, mkdir_rmdir, hardlink, listing]
+    ops = [read, create, chmod, truncate, rename, posix_rename, remove, mkdir_rmdir, hardlink, listing]
     outcomes = race(c, Racer(lambda: exchange(sb.e("race"), sb.e("race.swap"))), ops)
     assert_each_succeeded(outcomes, ops)
     _restore(sb, "race")
