@@ -182,8 +182,8 @@ def test_known_release_turns_every_trick_on(make_tunnel: Callable[..., X2GoRevFw
     assert probe is transport.compat  # probed once, cached on the transport
     for trick in paramiko_compat.TRICKS:
         assert probe.may(trick) == (trick.applies_from <= paramiko_compat.PARAMIKO_RELEASE), trick.name
-    expected = fastpath.LeanPacketizer if HAS_GCM else paramiko_compat.BoundedPacketizer
-    assert type(transport.packetizer) is expected
+    # the fast path frames AES-GCM (>= 3.5) and AES-CTR + HMAC-SHA2 (every release)
+    assert type(transport.packetizer) is fastpath.LeanPacketizer
     assert _compat_lines(caplog) == []
 
 
@@ -220,15 +220,16 @@ def test_a_missing_name_turns_its_trick_off_and_the_session_works(
     _roundtrip(connect(tunnel), export_dir + "/missing.bin", 2 * MiB)
     transport = _only_inner(tunnel)
     probe = paramiko_compat.probe(transport)
-    assert not probe.may(paramiko_compat.FAST_PATH)
+    assert not probe.may(paramiko_compat.FAST_PATH) and not probe.may(paramiko_compat.FAST_PATH_CTR)
     assert probe.may(paramiko_compat.BOUNDED_PACKETIZER) and probe.may(paramiko_compat.CHANNEL_GUARD)
     assert type(transport.packetizer) is paramiko_compat.BoundedPacketizer
     lines = _compat_lines(caplog)
-    if HAS_GCM:  # one line per transport probed (python-x2go's and the inner one), naming only that
-        assert len(lines) == 2
-        assert all(line.endswith("fast path: missing Packetizer._trigger_rekey") for line in lines)
-    else:
-        assert lines == []  # no AES-GCM on this paramiko: the fast path does not apply, quietly
+    # one line per transport probed (python-x2go's and the inner one), naming only the fast path
+    assert len(lines) == 2
+    assert all(line.endswith("fast path (AES-CTR + HMAC-SHA2): missing Packetizer._trigger_rekey")
+               for line in lines)
+    for line in lines:  # without AES-GCM in this paramiko, its fast path does not apply, quietly
+        assert ("fast path (AES-GCM): missing Packetizer._trigger_rekey;" in line) == HAS_GCM
 
 
 # -- attacks without the key: the bounded packetizer ------------------------------------------

@@ -14,7 +14,6 @@ and the relay of the plain TCP forward (no ``select()`` on channels).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -30,6 +29,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from tests.netutil import LocalService
 from tests.realpeers import RealSSHD, is_mounted, write_key_files
 from x2go_sftp import X2GoRevFwTunnel, X2GoRevFwTunnelToSFTP, auth, log
 from x2go_sftp.sftpserver import X2GoRevFwSFTPChannelThread
@@ -333,46 +333,12 @@ def test_a_thread_that_cannot_start_refuses_one_channel_and_the_tunnel_serves_on
 
 # -- the plain TCP forward (sound) -------------------------------------------------------------
 
-class HangingUpService:
+def hang_up_early(conn: socket.socket) -> None:
     """Stands for the sound daemon: reads a little, answers a little, hangs up while data still arrives."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.handlers: list[threading.Thread] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True, name="hangup-service")
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            t = threading.Thread(target=self._handle, args=(conn,), daemon=True, name="hangup-handler")
-            self.handlers = [h for h in self.handlers if h.is_alive()] + [t]
-            t.start()
-
-    @staticmethod
-    def _handle(conn: socket.socket) -> None:
-        rng = random.Random()
-        with conn:
-            try:
-                conn.settimeout(10)
-                conn.recv(rng.randrange(1, 65536))
-                conn.sendall(os.urandom(rng.randrange(1, 200_000)))
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(10)
-        for t in self.handlers:
-            t.join(10)
+    rng = random.Random()
+    conn.settimeout(10)
+    conn.recv(rng.randrange(1, 65536))
+    conn.sendall(os.urandom(rng.randrange(1, 200_000)))
 
 
 def _hostile_client(port: int, rounds: int, errors: list[BaseException]) -> None:
@@ -401,7 +367,7 @@ def test_plain_forward_survives_many_short_connections_closed_from_both_sides(
     With ``select()`` on the channel (paramiko issues 1700, 2271) this ended the outer
     transport with "Bad file descriptor" in its own thread.
     """
-    service = HangingUpService()
+    service = LocalService(hang_up_early, name="hangup-service")
     tunnel = X2GoRevFwTunnel(0, "127.0.0.1", service.port, outer)
     tunnel.start()
     server_side = x2go_server.transports[-1]

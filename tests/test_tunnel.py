@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
@@ -15,6 +14,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from tests.netutil import LocalService
 from x2go_sftp import X2GoRevFwTunnel, X2GoRevFwTunnelToSFTP, log, rforward
 from x2go_sftp.testing import sftp_client
 
@@ -234,38 +234,14 @@ def test_only_sessions_and_only_the_sftp_subsystem(make_tunnel, export_dir, sess
         transport.close()
 
 
-class EchoServer:
-    """A local TCP service (stands for the sound daemon a plain X2Go tunnel reaches)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(b"echo:" + data)
-
-    def close(self) -> None:
-        # close() alone does not wake a thread blocked in accept() on Linux; shutdown() does.
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(5)
-        assert not self.thread.is_alive()
+def echo_back(conn: socket.socket) -> None:
+    """Stands for the sound daemon a plain X2Go tunnel reaches: answers each piece with "echo:" + it."""
+    while data := conn.recv(65536):
+        conn.sendall(b"echo:" + data)
 
 
 def test_two_tunnels_on_one_transport_get_only_their_own_channels(make_tunnel, outer, connect, export_dir):
-    echo = EchoServer()
+    echo = LocalService(echo_back, name="echo-service")
     snd = X2GoRevFwTunnel(0, "127.0.0.1", echo.port, outer)
     snd.start()
     try:

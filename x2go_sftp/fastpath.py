@@ -22,8 +22,11 @@ inner transport's packets itself:
 * The cipher state (keys, GCM invocation counters, sequence numbers, the
   rekey counters) is paramiko's own, read and written in place under
   paramiko's write lock, so both paths always agree.
-* Only AES-GCM (paramiko >= 3.5) is handled, by name in both directions
-  (:data:`FAST_CIPHERS`); with any other cipher, an older paramiko,
+* Only the ciphers OpenSSH's clients negotiate with paramiko are handled,
+  by name in each direction: AES-GCM (:data:`FAST_CIPHERS`, paramiko >= 3.5),
+  and AES-CTR (:data:`FAST_CTR_CIPHERS`) with HMAC-SHA2, plain or
+  encrypt-then-MAC (:data:`FAST_MACS`), which is what paramiko 2.12
+  (Debian 12, Ubuntu 24.04) negotiates; with any other cipher or MAC,
   compression or packet dumps, nothing changes.
 * It fails safe: every paramiko internal it touches goes through
   :mod:`paramiko_compat`, which turns it off for a transport on an unknown
@@ -36,6 +39,7 @@ inner transport's packets itself:
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
 import struct
 import threading
@@ -61,8 +65,17 @@ MAX_PACKET = paramiko_compat.PACKET_MAX_SIZE
 # layout, nonce and tag handling below are those of these two only.
 FAST_CIPHERS = frozenset({"aes128-gcm@openssh.com", "aes256-gcm@openssh.com"})
 
+# AES in counter mode (RFC 4344) with one of these MACs (RFC 6668, and OpenSSH's
+# encrypt-then-MAC forms of them): what OpenSSH's ssh (and so sshfs) agrees
+# with paramiko releases that lack AES-GCM.  The framing below is that of
+# these only: a 16-byte block, the MAC after the packet.
+FAST_CTR_CIPHERS = frozenset({"aes128-ctr", "aes192-ctr", "aes256-ctr"})
+FAST_MACS = frozenset({"hmac-sha2-256", "hmac-sha2-512",
+                       "hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com"})
+
 _GCM_TAG = 16
 _GCM_BLOCK = 16
+_AES_BLOCK = 16
 _U32 = struct.Struct(">I")
 _DATA_HEAD = struct.Struct(">BBII")  # padding length, message type, recipient, data length
 _ADJUST = struct.Struct(">BII")
@@ -172,14 +185,17 @@ class LeanPacketizer(paramiko_compat.BoundedPacketizer):
                 self._lean_active = False
                 self._lean_cv.notify_all()
 
-    def lean_send(self, plain: bytes) -> bool | None:
+    def lean_send(self, plain: bytes, mode: str) -> bool | None:
         """Encrypt and send one packet whose plaintext (padding length, payload, padding) is ``plain``.
 
+        ``mode`` is the outbound framing (``paramiko_compat.LEAN_*``).
         Returns None when nothing was sent because paramiko would not send now
         (a key exchange has begun, RFC 4253 7.1, or the transport is closing);
         else True once paramiko's rekey limits for sending are reached.
         """
-        return paramiko_compat.gcm_send(self._lean_transport, self, plain)
+        if mode == paramiko_compat.LEAN_GCM:
+            return paramiko_compat.gcm_send(self._lean_transport, self, plain)
+        return paramiko_compat.ctr_send(self._lean_transport, self, plain)
 
     def lean_decrypt(self, head: bytes, body: bytes) -> tuple[bytes, int, bool]:
         """Decrypt one packet (``body`` includes the tag).
@@ -194,16 +210,31 @@ def install(transport: paramiko.Transport) -> bool:
     """Make ``transport``'s packetizer a :class:`LeanPacketizer` (before the transport starts).
 
     Returns False (nothing changed) when the fast path is switched off, or
-    :mod:`paramiko_compat` says no for this paramiko (a release without
-    AES-GCM, an unknown release, a missing name).
+    :mod:`paramiko_compat` says no for this paramiko (an unknown release, a
+    missing name) for both its AES-GCM and its AES-CTR framing.
     """
-    if not ENABLED or not paramiko_compat.may(transport, paramiko_compat.FAST_PATH):
+    if not ENABLED or not (paramiko_compat.may(transport, paramiko_compat.FAST_PATH)
+                           or paramiko_compat.may(transport, paramiko_compat.FAST_PATH_CTR)):
         return False
     if not paramiko_compat.bound_packetizer(transport, LeanPacketizer):
         return False
     pk = paramiko_compat.packetizer_of(transport)
     pk.lean_init(transport)
     return True
+
+
+def lean_mode(transport: Any, cipher: str, mac: str) -> str:
+    """The fast path's framing for one direction that negotiated ``cipher`` and ``mac`` ("" if none).
+
+    By name only, and only where :mod:`paramiko_compat` allows that framing
+    on ``transport``'s paramiko.
+    """
+    if cipher in FAST_CIPHERS:
+        return paramiko_compat.LEAN_GCM if paramiko_compat.may(transport, paramiko_compat.FAST_PATH) else ""
+    if cipher in FAST_CTR_CIPHERS and mac in FAST_MACS and paramiko_compat.may(transport,
+                                                                             paramiko_compat.FAST_PATH_CTR):
+        return paramiko_compat.LEAN_CTR_ETM if mac.endswith("-etm@openssh.com") else paramiko_compat.LEAN_CTR
+    return ""
 
 
 class SessionIO:
@@ -227,6 +258,10 @@ class SessionIO:
             if hasattr(sock, "read_buffered"):
                 self.pk, self.sock = pk, sock
         self.lean = False
+        # The framing of each direction, fixed when paramiko parks (ciphers change only in a key
+        # exchange, and any key exchange message hands the transport back first).
+        self._out_mode = self._in_mode = ""
+        self._pad_extra = 0  # 4 where the length field is encrypted too (AES-CTR without -etm)
         self._pending: list[bytes] = []  # data read while waiting for window on the fast path
         self._pending_bytes = 0
         self._rekey_due = False
@@ -253,19 +288,23 @@ class SessionIO:
     def may_take_over(self) -> bool:
         """Called by paramiko's thread (packetizer lock held): may the engine read now?
 
-        Only between key exchanges, with AES-GCM by name both ways
-        (:data:`FAST_CIPHERS`), this session's channel the only one open and
-        live, and the engine not inside a send through paramiko.
+        Only between key exchanges, with a cipher (and MAC) of this module by
+        name each way, this session's channel the only one open and live, and
+        the engine not inside a send through paramiko.
         """
         t, pk, chan = self.transport, self.pk, self.chan
         if pk is None or t is None or self._sending:
             return False
         if chan.closed or chan.eof_received or not chan.active:
             return False
-        sending, receiving = paramiko_compat.negotiated_ciphers(t)
-        if sending not in FAST_CIPHERS or receiving not in FAST_CIPHERS:
+        (out_cipher, in_cipher), (out_mac, in_mac) = (paramiko_compat.negotiated_ciphers(t),
+                                                      paramiko_compat.negotiated_macs(t))
+        out_mode, in_mode = lean_mode(t, out_cipher, out_mac), lean_mode(t, in_cipher, in_mac)
+        if not out_mode or not in_mode or not paramiko_compat.lean_ready(t, pk, out_mode, in_mode):
             return False
-        return paramiko_compat.gcm_ready(t, pk)
+        self._out_mode, self._in_mode = out_mode, in_mode
+        self._pad_extra = 4 if out_mode == paramiko_compat.LEAN_CTR else 0
+        return True
 
     def _in_pipe(self) -> Any:
         return paramiko_compat.channel_in_buffer(self.chan)
@@ -387,6 +426,8 @@ class SessionIO:
         return None
 
     def _read_packet(self) -> tuple[bytes, int]:
+        if self._in_mode != paramiko_compat.LEAN_GCM:
+            return self._read_ctr_packet()
         assert self.pk is not None
         head = self._read_exact(4)
         (size,) = _U32.unpack(head)
@@ -398,6 +439,42 @@ class SessionIO:
         except Exception as e:  # cryptography's InvalidTag
             raise paramiko.SSHException("Mismatched MAC") from e
         if rekey:
+            self._rekey_due = True
+        return plain, seq
+
+    def _read_ctr_packet(self) -> tuple[bytes, int]:
+        """One AES-CTR + HMAC packet: its plaintext after the length, and its sequence number.
+
+        The declared length is checked before the body is read (the bound of
+        paramiko's path, :data:`MAX_PACKET`), the MAC before the packet is used.
+        """
+        assert self.pk is not None
+        engine, digest, key, mac_size, seq = paramiko_compat.ctr_inbound(self.pk)
+        mac = hmac.new(key, _U32.pack(seq), digest)
+        if self._in_mode == paramiko_compat.LEAN_CTR_ETM:
+            head = self._read_exact(4)
+            (size,) = _U32.unpack(head)
+            if size < _AES_BLOCK or size > MAX_PACKET or size % _AES_BLOCK:
+                raise paramiko.SSHException(f"bad inner packet length {size}")
+            wire = memoryview(self._read_exact(size + mac_size))
+            mac.update(head)
+            mac.update(wire[:size])
+            if not hmac.compare_digest(mac.digest()[:mac_size], wire[size:]):
+                raise paramiko.SSHException("Mismatched MAC")
+            plain = engine.update(wire[:size])
+        else:
+            first = engine.update(self._read_exact(_AES_BLOCK))
+            (size,) = _U32.unpack_from(first)
+            if size < _AES_BLOCK - 4 or size > MAX_PACKET or (size + 4) % _AES_BLOCK:
+                raise paramiko.SSHException(f"bad inner packet length {size}")
+            wire = memoryview(self._read_exact(size + 4 - _AES_BLOCK + mac_size))
+            rest = size + 4 - _AES_BLOCK
+            plain = first[4:] + engine.update(wire[:rest])
+            mac.update(first[:4])
+            mac.update(plain)
+            if not hmac.compare_digest(mac.digest()[:mac_size], wire[rest:]):
+                raise paramiko.SSHException("Mismatched MAC")
+        if paramiko_compat.ctr_received(self.pk, 4 + size + mac_size):
             self._rekey_due = True
         return plain, seq
 
@@ -488,12 +565,12 @@ class SessionIO:
 
     def _send_data(self, remote: int, data: memoryview) -> bool:
         size = len(data)
-        pad = 3 + _GCM_BLOCK - ((size + 9 + 4) % _GCM_BLOCK)
+        pad = 3 + _AES_BLOCK - ((size + 9 + 4 + self._pad_extra) % _AES_BLOCK)
         plain = b"".join((_DATA_HEAD.pack(pad, MSG_CHANNEL_DATA, remote, size), data, os.urandom(pad)))
         return self._send_raw(plain)
 
     def _send_plain(self, payload: bytes) -> bool:
-        pad = 3 + _GCM_BLOCK - ((len(payload) + 4) % _GCM_BLOCK)
+        pad = 3 + _AES_BLOCK - ((len(payload) + 4 + self._pad_extra) % _AES_BLOCK)
         return self._send_raw(bytes((pad,)) + payload + os.urandom(pad))
 
     def _send_raw(self, plain: bytes) -> bool:
@@ -505,7 +582,7 @@ class SessionIO:
         caller sends the packet paramiko's way, which waits for the exchange.
         """
         assert self.pk is not None
-        rekey = self.pk.lean_send(plain)
+        rekey = self.pk.lean_send(plain, self._out_mode)
         if rekey is None:
             self.kex_waits += 1
             self._give_back()

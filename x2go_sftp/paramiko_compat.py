@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hmac
 import itertools
 import struct
 import time
@@ -54,6 +55,7 @@ PARAMIKO_RELEASE: tuple[int, int] = _release(getattr(paramiko, "__version__", ""
 """The running paramiko as (major, minor); tests set it to pretend another release."""
 
 _PK = "_Packetizer__"  # paramiko's private packetizer fields, by their mangled names
+_U32 = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ CHUNK_PIPE = Trick(
     pipe=("_closed", "_event"),
 )
 FAST_PATH = Trick(
-    "fast path",
+    "fast path (AES-GCM)",
     checked_on=((3, 5), (5, 1)),
     applies_from=(3, 3),  # paramiko's first AES-GCM
     transport=("packetizer", "in_kex", "_expected_packet", "_channels", "_send_user_message",
@@ -117,13 +119,28 @@ FAST_PATH = Trick(
                 "_trigger_rekey", "write_all", "REKEY_BYTES", "REKEY_PACKETS"),
     channel=("_check_add_window", "out_buffer_cv", "in_buffer", "in_window_size", "out_window_size"),
 )
+FAST_PATH_CTR = Trick(
+    "fast path (AES-CTR + HMAC-SHA2)",
+    checked_on=((2, 12), (3, 5), (5, 1)),
+    transport=("packetizer", "in_kex", "_expected_packet", "_channels", "_send_user_message",
+               "clear_to_send", "clear_to_send_lock", "local_cipher", "remote_cipher", "local_mac",
+               "remote_mac", "active"),
+    packetizer=("block_engine_in", "block_engine_out", "mac_engine_in", "mac_engine_out", "mac_key_in",
+                "mac_key_out", "mac_size_in", "mac_size_out", "etm_in", "etm_out", "block_size_in",
+                "block_size_out", "sequence_number_in", "sequence_number_out", "write_lock",
+                "received_bytes", "received_packets", "sent_bytes", "sent_packets", "need_rekey",
+                "remainder", "compress_engine_in", "compress_engine_out", "dump_packets", "closed",
+                "socket", "_trigger_rekey", "write_all", "REKEY_BYTES", "REKEY_PACKETS"),
+    channel=("_check_add_window", "out_buffer_cv", "in_buffer", "in_window_size", "out_window_size"),
+)
 KEX_EXT_INFO = Trick(
     "ext-info marker order",
     checked_on=((2, 12), (3, 5), (5, 1)),
     transport=("_really_parse_kex_init",),
 )
 
-TRICKS: tuple[Trick, ...] = (BOUNDED_PACKETIZER, CHANNEL_GUARD, CHUNK_PIPE, FAST_PATH, KEX_EXT_INFO)
+TRICKS: tuple[Trick, ...] = (BOUNDED_PACKETIZER, CHANNEL_GUARD, CHUNK_PIPE, FAST_PATH, FAST_PATH_CTR,
+                             KEX_EXT_INFO)
 """Every trick, with the releases it was checked on (``checked_on``)."""
 
 CHECKED_RELEASES: tuple[tuple[int, int], ...] = tuple(sorted({r for t in TRICKS for r in t.checked_on}))
@@ -454,7 +471,7 @@ def negotiated_ciphers(transport: Any) -> tuple[str, str]:
     return (str(getattr(transport, "local_cipher", "") or ""), str(getattr(transport, "remote_cipher", "") or ""))
 
 
-# -- the fast path's access to paramiko's AES-GCM state -------------------------------------
+# -- the fast path's access to paramiko's cipher state (AES-GCM, AES-CTR + HMAC) -------------------
 
 
 def packetizer_of(transport: Any) -> Any:
@@ -467,24 +484,50 @@ def packetizer_socket(pk: Any) -> Any:
     return pk.__dict__.get(_PK + "socket")
 
 
-def gcm_ready(transport: Any, pk: Any) -> bool:
-    """Is ``transport`` between key exchanges, on AES-GCM both ways, with nothing else in paramiko's way?
+def negotiated_macs(transport: Any) -> tuple[str, str]:
+    """The MACs agreed for (sending, receiving) on ``transport``, "" where none yet."""
+    return (str(getattr(transport, "local_mac", "") or ""), str(getattr(transport, "remote_mac", "") or ""))
+
+
+#: How the fast path frames one direction: AES-GCM (RFC 5647), or AES-CTR with an HMAC
+#: over the plaintext packet (RFC 4253 6.4) or over the ciphertext (OpenSSH's "-etm").
+LEAN_GCM, LEAN_CTR, LEAN_CTR_ETM = "gcm", "ctr", "ctr-etm"
+
+
+def lean_ready(transport: Any, pk: Any, out_mode: str, in_mode: str) -> bool:
+    """Is ``transport`` between key exchanges, framed as ``out_mode``/``in_mode``, with nothing else in paramiko's way?
 
     True only when: active, no key exchange running or due, clear to send
-    (RFC 4253 7.1), no packet type expected, both directions AEAD with
-    their engines set, no compression, nothing left from the identification
-    line, no packet dumps, and exactly one channel open.
+    (RFC 4253 7.1), no packet type expected, both directions' engines set as
+    their mode needs (AES-GCM: paramiko's AEAD flag; AES-CTR: no AEAD, a MAC
+    engine and key, 16-byte blocks, paramiko's encrypt-then-MAC flag as the
+    mode says), no compression, nothing left from the identification line,
+    no packet dumps, and exactly one channel open.
     """
     d = pk.__dict__
-    return bool(
+    if not (
         transport.active and not transport.in_kex and transport.clear_to_send.is_set()
         and not transport._expected_packet and not d[_PK + "need_rekey"]
-        and d[_PK + "aead_in"] and d[_PK + "aead_out"]
-        and d[_PK + "block_engine_in"] is not None and d[_PK + "block_engine_out"] is not None
         and d[_PK + "compress_engine_in"] is None and d[_PK + "compress_engine_out"] is None
         and not d[_PK + "remainder"] and not d[_PK + "dump_packets"]
         and len(transport._channels.values()) == 1
-    )
+    ):
+        return False
+    for way, mode in (("out", out_mode), ("in", in_mode)):
+        if d.get(_PK + "block_engine_" + way) is None:
+            return False
+        aead = bool(d.get(_PK + "aead_" + way, False))  # paramiko < 3.3 has no such field
+        if mode == LEAN_GCM:
+            if not aead:
+                return False
+        elif mode in (LEAN_CTR, LEAN_CTR_ETM):
+            if (aead or d.get(_PK + "mac_engine_" + way) is None or not d.get(_PK + "mac_key_" + way)
+                    or not d.get(_PK + "mac_size_" + way) or d.get(_PK + "block_size_" + way) != 16
+                    or bool(d.get(_PK + "etm_" + way)) != (mode == LEAN_CTR_ETM)):
+                return False
+        else:
+            return False
+    return True
 
 
 def _next_iv(iv: bytes) -> bytes:
@@ -505,7 +548,7 @@ def gcm_send(transport: Any, pk: Any, plain: bytes) -> bool | None:
         whether paramiko's rekey limits for sending are reached.
     """
     d = pk.__dict__
-    head = struct.pack(">I", len(plain))
+    head = _U32.pack(len(plain))
     with transport.clear_to_send_lock:
         if not transport.clear_to_send.is_set() or not transport.active or d[_PK + "closed"]:
             return None
@@ -539,6 +582,63 @@ def gcm_open(pk: Any, head: bytes, body: bytes) -> tuple[bytes, int, bool]:
     got = d[_PK + "received_bytes"] = d[_PK + "received_bytes"] + len(body) + 4
     packets = d[_PK + "received_packets"] = d[_PK + "received_packets"] + 1
     return plain, seq, bool(got >= pk.REKEY_BYTES or packets >= pk.REKEY_PACKETS)
+
+
+def ctr_send(transport: Any, pk: Any, plain: bytes) -> bool | None:
+    """Encrypt, MAC and send one AES-CTR packet whose plaintext (padding length, payload, padding) is ``plain``.
+
+    With paramiko's outbound cipher context (a stream: its counter runs on),
+    MAC key and sequence number, under the same locks and conditions as
+    :func:`gcm_send`; the MAC covers the plaintext packet, or with OpenSSH's
+    encrypt-then-MAC the clear length and the ciphertext.
+
+    Returns:
+        None if nothing was sent because sending is not allowed now; else
+        whether paramiko's rekey limits for sending are reached.
+    """
+    d = pk.__dict__
+    head = _U32.pack(len(plain))
+    with transport.clear_to_send_lock:
+        if not transport.clear_to_send.is_set() or not transport.active or d[_PK + "closed"]:
+            return None
+        with d[_PK + "write_lock"]:
+            seq = d[_PK + "sequence_number_out"]
+            engine = d[_PK + "block_engine_out"]
+            mac = hmac.new(d[_PK + "mac_key_out"], _U32.pack(seq), d[_PK + "mac_engine_out"])
+            if d[_PK + "etm_out"]:
+                body = engine.update(plain)
+                mac.update(head)
+                mac.update(body)
+            else:
+                mac.update(head)
+                mac.update(plain)
+                head = engine.update(head)
+                body = engine.update(plain)
+            out = b"".join((head, body, mac.digest()[:d[_PK + "mac_size_out"]]))
+            d[_PK + "sequence_number_out"] = (seq + 1) & 0xFFFFFFFF
+            pk.write_all(out)
+            sent = d[_PK + "sent_bytes"] = d[_PK + "sent_bytes"] + len(out)
+            packets = d[_PK + "sent_packets"] = d[_PK + "sent_packets"] + 1
+    return bool(sent >= pk.REKEY_BYTES or packets >= pk.REKEY_PACKETS)
+
+
+def ctr_inbound(pk: Any) -> tuple[Any, Any, bytes, int, int]:
+    """paramiko's inbound AES-CTR state: (decrypting context, MAC digest, MAC key, MAC size, sequence number)."""
+    d = pk.__dict__
+    return (d[_PK + "block_engine_in"], d[_PK + "mac_engine_in"], d[_PK + "mac_key_in"],
+            d[_PK + "mac_size_in"], d[_PK + "sequence_number_in"])
+
+
+def ctr_received(pk: Any, nbytes: int) -> bool:
+    """One AES-CTR packet of ``nbytes`` on the wire was read and checked: count it as paramiko does.
+
+    Returns whether paramiko's rekey limits for receiving are reached.
+    """
+    d = pk.__dict__
+    d[_PK + "sequence_number_in"] = (d[_PK + "sequence_number_in"] + 1) & 0xFFFFFFFF
+    got = d[_PK + "received_bytes"] = d[_PK + "received_bytes"] + nbytes
+    packets = d[_PK + "received_packets"] = d[_PK + "received_packets"] + 1
+    return bool(got >= pk.REKEY_BYTES or packets >= pk.REKEY_PACKETS)
 
 
 def trigger_rekey(pk: Any) -> None:
