@@ -101,6 +101,8 @@ class X2GoIntegratedTunnel(X2GoRevFwTunnelToSFTP):
     ):
         x2go_defaults = _x2go_module("x2go.defaults")
         kwargs.setdefault("username", getattr(x2go_defaults, "CURRENT_LOCAL_USER", None))
+        record = getattr(_x2go_module("x2go.sftpserver"), _RECORD_ATTR, None)
+        kwargs.setdefault("outer_gcm", bool(getattr(record, "outer_gcm", False)))
         super().__init__(server_port, ssh_transport, auth_key=auth_key,
                          session_instance=session_instance, logger=logger, loglevel=loglevel, **kwargs)
 
@@ -269,6 +271,7 @@ class _Record:
     """What install() replaced: (owner, attribute, original, replacement) in order."""
 
     patches: list[tuple[Any, str, Any, Any]] = field(default_factory=list)
+    outer_gcm: bool = False  # what install() was asked for: every integrated tunnel's outer_gcm
 
     def replace(self, owner: Any, name: str, new: Any) -> None:
         self.patches.append((owner, name, getattr(owner, name), new))
@@ -293,7 +296,7 @@ def installed() -> bool:
     return sftpserver is not None and getattr(sftpserver, _RECORD_ATTR, None) is not None
 
 
-def install(host_key: paramiko.PKey | None = None) -> bool:
+def install(host_key: paramiko.PKey | None = None, outer_gcm: bool = False) -> bool:
     """Make the python-x2go of this process share folders through x2go-sftp.
 
     Call once before any session starts (importing python-x2go, as this does,
@@ -302,6 +305,9 @@ def install(host_key: paramiko.PKey | None = None) -> bool:
     Args:
         host_key: the inner server's host key (default: a 3072-bit RSA key per
             process).  It replaces python-x2go's 1024-bit ``RSAHostKey``.
+        outer_gcm: every tunnel python-x2go starts gets ``outer_gcm=True``: its
+            connection is rekeyed to prefer AES-GCM where the X2Go server offers
+            it (see :class:`~x2go_sftp.sftpserver.X2GoRevFwTunnelToSFTP`).
 
     Returns:
         True if this call installed, False if it was already installed.
@@ -317,7 +323,7 @@ def install(host_key: paramiko.PKey | None = None) -> bool:
 
     if getattr(x2go_sftpserver, _RECORD_ATTR, None) is not None:
         return False
-    record = _Record()
+    record = _Record(outer_gcm=outer_gcm)
 
     # 1. The tunnel class, wherever python-x2go holds it.
     stock_tunnel = x2go_sftpserver.X2GoRevFwTunnelToSFTP
@@ -386,6 +392,10 @@ class _InstallAfterX2GoImport:
     ``wx.App`` before importing ``x2go`` on purpose.
     """
 
+    def __init__(self, host_key: paramiko.PKey | None = None, outer_gcm: bool = False) -> None:
+        self.host_key = host_key
+        self.outer_gcm = outer_gcm
+
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname != _X2GO_PACKAGE:
             return None
@@ -402,7 +412,7 @@ class _InstallAfterX2GoImport:
             execute(module)
             # x2go's __init__ has imported its backends by now, as install() needs.  An error
             # here fails the import: never a silent fallback to the stock module (it serves /).
-            install()
+            install(self.host_key, self.outer_gcm)
 
         # On the loader instance of this one spec, so module.__loader__ stays python-x2go's.
         loader.exec_module = exec_module
@@ -417,8 +427,10 @@ def _remove_import_hook() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _InstallAfterX2GoImport)]
 
 
-def install_on_import() -> None:
+def install_on_import(host_key: paramiko.PKey | None = None, outer_gcm: bool = False) -> None:
     """:func:`install` as soon as python-x2go is imported (at once if it already is).
+
+    The arguments are :func:`install`'s.
 
     For a start-up hook such as a ``usercustomize.py``: it costs nothing in
     programs that never import python-x2go (pip, for instance), and it keeps
@@ -426,10 +438,10 @@ def install_on_import() -> None:
     Calling it again before python-x2go is imported adds no second hook.
     """
     if _X2GO_PACKAGE in sys.modules:
-        install()
+        install(host_key, outer_gcm)
         return
     _remove_import_hook()
-    sys.meta_path.insert(0, _InstallAfterX2GoImport())
+    sys.meta_path.insert(0, _InstallAfterX2GoImport(host_key, outer_gcm))
 
 
 # --------------------------------------------------------------------------------------
