@@ -110,20 +110,25 @@ class X2GoServer:
     workdir: Path
 
 
-@pytest.fixture(scope="module")
-def x2go_server(tmp_path_factory: Any) -> Iterator[X2GoServer]:
-    """sshd on 127.0.0.1 for the X2Go server's user, HOME in a temporary directory."""
+@contextlib.contextmanager
+def running_x2go_server(work: Path) -> Iterator[X2GoServer]:
+    """sshd on 127.0.0.1 for the X2Go server's user, HOME in ``work``/home (also tests/bench/bench_x2go.py)."""
     for script in ("x2gomountdirs", "x2goumount-session", "x2golistsessions", "x2gopath"):
         require(script)
-    work = tmp_path_factory.mktemp("x2goserver")
     home = work / "home"
-    home.mkdir()
+    home.mkdir(parents=True)
     # python-x2go logs in with a key file (PEM RSA, which paramiko 2.12 reads).
     client_key = work / "client_key"
     key = paramiko.RSAKey.generate(2048)
     key.write_private_key_file(str(client_key))
     with running_sshd(work, key, f"SetEnv HOME={home}\n") as sshd:
         yield X2GoServer(sshd.port, client_key, home, work)
+
+
+@pytest.fixture(scope="module")
+def x2go_server(tmp_path_factory: Any) -> Iterator[X2GoServer]:
+    with running_x2go_server(tmp_path_factory.mktemp("x2goserver")) as server:
+        yield server
 
 
 def server_mounts() -> dict[str, str]:
@@ -200,26 +205,31 @@ class Driver:
         return self.proc.returncode
 
 
+def driver_config(server: X2GoServer, work: Path, mode: str, shares: list[str], **extra: Any) -> dict[str, Any]:
+    """The driver's cfg for one new session (a fresh session name); ``extra`` adds or overrides keys."""
+    display = random.randrange(1000, 10000)  # unique in the session database, which takes < 5 digits
+    name = f"{current_local_user()}-{display}-{int(time.time())}_stDxterm_dp24"
+    keys_out = work / "keys"
+    keys_out.mkdir(parents=True, exist_ok=True)
+    return {
+        "mode": mode, "repo": str(REPO), "port": server.port, "user": current_local_user(),
+        "client_key": str(server.client_key), "known_hosts": str(work / "known_hosts"),
+        "client_root": str(work / "client"), "session_name": name,
+        "ports": {"gr": free_port(), "snd": free_port(), "fs": free_port()},
+        "agent_pid": os.getpid(), "shares": shares, "printing": True, "mimebox": True,
+        "keys_out": str(keys_out), **extra,
+    }
+
+
 @pytest.fixture
 def run_driver(x2go_server: X2GoServer, tmp_path: Path) -> Iterator[Any]:
     """Start the driver for one session; the session is always torn down on the server."""
     started: list[tuple[Driver, str]] = []
 
-    def start(python: str, mode: str, shares: list[str]) -> Driver:
-        display = random.randrange(1000, 10000)  # unique in the session database, which takes < 5 digits
-        name = f"{current_local_user()}-{display}-{int(time.time())}_stDxterm_dp24"
-        keys_out = tmp_path / "keys"
-        keys_out.mkdir(exist_ok=True)
-        cfg = {
-            "mode": mode, "repo": str(REPO), "port": x2go_server.port, "user": current_local_user(),
-            "client_key": str(x2go_server.client_key), "known_hosts": str(tmp_path / "known_hosts"),
-            "client_root": str(tmp_path / "client"), "session_name": name,
-            "ports": {"gr": free_port(), "snd": free_port(), "fs": free_port()},
-            "agent_pid": os.getpid(), "shares": shares, "printing": True, "mimebox": True,
-            "keys_out": str(keys_out),
-        }
+    def start(python: str, mode: str, shares: list[str], **extra: Any) -> Driver:
+        cfg = driver_config(x2go_server, tmp_path, mode, shares, **extra)
         driver = Driver(python, cfg, tmp_path / f"driver-{len(started)}.stderr")
-        started.append((driver, name))
+        started.append((driver, cfg["session_name"]))
         return driver
 
     yield start
@@ -361,6 +371,53 @@ def test_real_python_x2go_shares_through_our_tunnel(which: str, run_driver: Any,
     none_left = driver.expect("unshared_all")
     assert none_left["ok"] is True and none_left["exports"] == []
     assert not {spool, mimebox, str(share)} & set(server_mounts())
+    driver.send("quit")
+    driver.expect("bye")
+    assert driver.close() == 0
+
+
+# AES-GCM as paramiko names it; paramiko has it from 3.3 on.
+GCM_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def paramiko_has_gcm(version: str) -> bool:
+    major, minor = (int(x) for x in version.split(".")[:2])
+    return (major, minor) >= (3, 3)
+
+
+@pytest.mark.parametrize("which", sorted(PYTHONS))
+def test_real_python_x2go_outer_gcm(which: str, run_driver: Any, tmp_path: Path) -> None:
+    """install(outer_gcm=True): python-x2go's own connection is rekeyed to AES-GCM, and sharing works.
+
+    On paramiko < 3.3 (Debian 12's 2.12) there is no GCM: the connection keeps
+    its cipher and the share works as without the option.
+    """
+    python = python_with_x2go(PYTHONS[which])
+    share, payload = make_share(tmp_path)
+    driver = run_driver(python, "ours", [str(share)], outer_gcm=True, printing=False, mimebox=False)
+    assert driver.expect("installed") == {"event": "installed", "first": True, "second": False}
+    tunnel = driver.expect("tunnel")
+    assert tunnel["tunnel_class"] == "x2go_sftp.integrate.X2GoIntegratedTunnel"
+    driver.send("next")
+    shared = driver.expect("shared")
+    assert shared["shared"] == {str(share): True}, driver.stderr()
+
+    # The control session's transport, after the tunnel was started on it.
+    ciphers = shared["ciphers"]
+    if paramiko_has_gcm(tunnel["paramiko"]):
+        assert ciphers["local"] in GCM_CIPHERS and ciphers["remote"] in GCM_CIPHERS, ciphers
+    else:
+        assert ciphers["local"] and ciphers["remote"], ciphers
+        assert "gcm" not in ciphers["local"] + ciphers["remote"], ciphers
+
+    # Bytes both ways through the server-side sshfs mount x2gomountdirs made, over the rekeyed connection.
+    mounts = server_mounts()
+    assert str(share) in mounts, f"{share} not mounted on the server: {mounts}"
+    mnt = Path(mounts[str(share)])
+    assert (mnt / "from-client.bin").read_bytes() == payload
+    upload = os.urandom(2 * 1024 * 1024 + 5)
+    (mnt / "from-server.bin").write_bytes(upload)
+    assert (share / "from-server.bin").read_bytes() == upload
     driver.send("quit")
     driver.expect("bye")
     assert driver.close() == 0

@@ -10,7 +10,8 @@ test suite's Python.  The test starts it as a subprocess and talks to it:
   (``next``, ``unshare <path>``, ``unshare_all``, ``quit``).
 
 Modes: ``stock`` (python-x2go as shipped), ``ours`` (after
-``x2go_sftp.integrate.install()``) and ``bare`` (our tunnel class put into
+``x2go_sftp.integrate.install()``, or ``install(outer_gcm=True)`` with the cfg
+key ``outer_gcm``) and ``bare`` (our tunnel class put into
 ``x2go.sftpserver`` without ``install()``; see ``run_bare``).
 
 What runs is python-x2go's own code: ``X2GoSession.connect`` (its control
@@ -93,13 +94,15 @@ def main() -> int:
     cfg = json.loads(sys.argv[1])
     # cfg: mode ("stock" | "ours" | "bare"), repo, port, user, client_key, known_hosts, client_root,
     #      session_name, ports {gr, snd, fs}, agent_pid, shares [paths], printing, mimebox,
-    #      keys_out (dir: the test gets the session key and host key there)
+    #      keys_out (dir: the test gets the session key and host key there),
+    #      outer_gcm (optional, mode "ours": install(outer_gcm=True); default False)
     if cfg["mode"] == "ours":
         sys.path.insert(0, cfg["repo"])
         import x2go_sftp.integrate
 
-        first = x2go_sftp.integrate.install()
-        second = x2go_sftp.integrate.install()
+        outer_gcm = bool(cfg.get("outer_gcm", False))
+        first = x2go_sftp.integrate.install(outer_gcm=outer_gcm)
+        second = x2go_sftp.integrate.install(outer_gcm=outer_gcm)
         emit("installed", first=first, second=second)
     elif cfg["mode"] == "bare":
         # The bare class swap someone will try instead of install().
@@ -213,6 +216,7 @@ def run_session(cfg: dict[str, Any], session: Any, control: Any, name: str) -> i
     if cfg["mimebox"]:
         terminal.start_mimebox()
     shared = {path: session.share_local_folder(path) for path in cfg["shares"]}
+    transport = control.get_transport()
     emit(
         "shared",
         shared=shared,
@@ -220,6 +224,9 @@ def run_session(cfg: dict[str, Any], session: Any, control: Any, name: str) -> i
         mimebox=os.path.join(terminal.session_info.local_container, "mimebox"),
         exports=exports(),
         seconds=round(time.monotonic() - started, 3),
+        # What python-x2go's control connection now runs (sending, receiving): the
+        # cipher every shared byte crosses on the client side.
+        ciphers={"local": transport.local_cipher, "remote": transport.remote_cipher},
     )
     while True:
         cmd = wait_command()
