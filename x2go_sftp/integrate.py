@@ -307,7 +307,9 @@ def install(host_key: paramiko.PKey | None = None, outer_gcm: bool = False) -> b
             process).  It replaces python-x2go's 1024-bit ``RSAHostKey``.
         outer_gcm: every tunnel python-x2go starts gets ``outer_gcm=True``: its
             connection is rekeyed to prefer AES-GCM where the X2Go server offers
-            it (see :class:`~x2go_sftp.sftpserver.X2GoRevFwTunnelToSFTP`).
+            it (see :class:`~x2go_sftp.sftpserver.X2GoRevFwTunnelToSFTP`).  Off by
+            default: inside real python-x2go the rekey meets paramiko's issue 822
+            about once in eight shares and ends python-x2go's connection.
 
     Returns:
         True if this call installed, False if it was already installed.
