@@ -535,32 +535,59 @@ def _next_iv(iv: bytes) -> bytes:
     return iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
 
 
-def gcm_send(transport: Any, pk: Any, plain: bytes) -> bool | None:
-    """Encrypt and send one AES-GCM packet whose plaintext (padding length, payload, padding) is ``plain``.
+def _send_sealed(transport: Any, pk: Any, plain: bytes, seal: Callable[[dict[str, Any], bytes, int], bytes]) -> bool | None:
+    """Send one packet that ``seal(fields, plain, sequence number)`` encrypts, as paramiko would send it.
 
     Sends only while paramiko would send a channel message itself: the
     transport active and clear to send (no key exchange started, RFC 4253
     7.1), under paramiko's own locks in paramiko's order (``clear_to_send_lock``
     then the packetizer's write lock), so key exchange cannot begin mid-packet.
+    Counts the packet in paramiko's sequence number and rekey counters.
 
     Returns:
         None if nothing was sent because sending is not allowed now; else
         whether paramiko's rekey limits for sending are reached.
     """
     d = pk.__dict__
-    head = _U32.pack(len(plain))
     with transport.clear_to_send_lock:
         if not transport.clear_to_send.is_set() or not transport.active or d[_PK + "closed"]:
             return None
         with d[_PK + "write_lock"]:
-            iv = d[_PK + "iv_out"]
-            out = head + d[_PK + "block_engine_out"].encrypt(iv, plain, head)
-            d[_PK + "iv_out"] = _next_iv(iv)
-            d[_PK + "sequence_number_out"] = (d[_PK + "sequence_number_out"] + 1) & 0xFFFFFFFF
+            seq = d[_PK + "sequence_number_out"]
+            out = seal(d, plain, seq)
+            d[_PK + "sequence_number_out"] = (seq + 1) & 0xFFFFFFFF
             pk.write_all(out)
             sent = d[_PK + "sent_bytes"] = d[_PK + "sent_bytes"] + len(out)
             packets = d[_PK + "sent_packets"] = d[_PK + "sent_packets"] + 1
     return bool(sent >= pk.REKEY_BYTES or packets >= pk.REKEY_PACKETS)
+
+
+def _count_in(pk: Any, nbytes: int) -> bool:
+    """One inbound packet of ``nbytes`` on the wire, read and checked: count it as paramiko does.
+
+    Returns whether paramiko's rekey limits for receiving are reached.
+    """
+    d = pk.__dict__
+    d[_PK + "sequence_number_in"] = (d[_PK + "sequence_number_in"] + 1) & 0xFFFFFFFF
+    got = d[_PK + "received_bytes"] = d[_PK + "received_bytes"] + nbytes
+    packets = d[_PK + "received_packets"] = d[_PK + "received_packets"] + 1
+    return bool(got >= pk.REKEY_BYTES or packets >= pk.REKEY_PACKETS)
+
+
+def _gcm_seal(d: dict[str, Any], plain: bytes, seq: int) -> bytes:
+    head = _U32.pack(len(plain))
+    iv = d[_PK + "iv_out"]
+    out = head + d[_PK + "block_engine_out"].encrypt(iv, plain, head)
+    d[_PK + "iv_out"] = _next_iv(iv)
+    return bytes(out)
+
+
+def gcm_send(transport: Any, pk: Any, plain: bytes) -> bool | None:
+    """Encrypt and send one AES-GCM packet whose plaintext (padding length, payload, padding) is ``plain``.
+
+    See :func:`_send_sealed` for when it sends and what it returns.
+    """
+    return _send_sealed(transport, pk, plain, _gcm_seal)
 
 
 def gcm_open(pk: Any, head: bytes, body: bytes) -> tuple[bytes, int, bool]:
@@ -578,48 +605,34 @@ def gcm_open(pk: Any, head: bytes, body: bytes) -> tuple[bytes, int, bool]:
     plain = d[_PK + "block_engine_in"].decrypt(iv, body, head)
     d[_PK + "iv_in"] = _next_iv(iv)
     seq = d[_PK + "sequence_number_in"]
-    d[_PK + "sequence_number_in"] = (seq + 1) & 0xFFFFFFFF
-    got = d[_PK + "received_bytes"] = d[_PK + "received_bytes"] + len(body) + 4
-    packets = d[_PK + "received_packets"] = d[_PK + "received_packets"] + 1
-    return plain, seq, bool(got >= pk.REKEY_BYTES or packets >= pk.REKEY_PACKETS)
+    return plain, seq, _count_in(pk, len(body) + 4)
+
+
+def _ctr_seal(d: dict[str, Any], plain: bytes, seq: int) -> bytes:
+    head = _U32.pack(len(plain))
+    engine = d[_PK + "block_engine_out"]
+    mac = hmac.new(d[_PK + "mac_key_out"], _U32.pack(seq), d[_PK + "mac_engine_out"])
+    if d[_PK + "etm_out"]:
+        body = engine.update(plain)
+        mac.update(head)
+        mac.update(body)
+    else:
+        mac.update(head)
+        mac.update(plain)
+        head = engine.update(head)
+        body = engine.update(plain)
+    return b"".join((head, body, mac.digest()[:d[_PK + "mac_size_out"]]))
 
 
 def ctr_send(transport: Any, pk: Any, plain: bytes) -> bool | None:
     """Encrypt, MAC and send one AES-CTR packet whose plaintext (padding length, payload, padding) is ``plain``.
 
     With paramiko's outbound cipher context (a stream: its counter runs on),
-    MAC key and sequence number, under the same locks and conditions as
-    :func:`gcm_send`; the MAC covers the plaintext packet, or with OpenSSH's
-    encrypt-then-MAC the clear length and the ciphertext.
-
-    Returns:
-        None if nothing was sent because sending is not allowed now; else
-        whether paramiko's rekey limits for sending are reached.
+    MAC key and sequence number; the MAC covers the plaintext packet, or with
+    OpenSSH's encrypt-then-MAC the clear length and the ciphertext.  See
+    :func:`_send_sealed` for when it sends and what it returns.
     """
-    d = pk.__dict__
-    head = _U32.pack(len(plain))
-    with transport.clear_to_send_lock:
-        if not transport.clear_to_send.is_set() or not transport.active or d[_PK + "closed"]:
-            return None
-        with d[_PK + "write_lock"]:
-            seq = d[_PK + "sequence_number_out"]
-            engine = d[_PK + "block_engine_out"]
-            mac = hmac.new(d[_PK + "mac_key_out"], _U32.pack(seq), d[_PK + "mac_engine_out"])
-            if d[_PK + "etm_out"]:
-                body = engine.update(plain)
-                mac.update(head)
-                mac.update(body)
-            else:
-                mac.update(head)
-                mac.update(plain)
-                head = engine.update(head)
-                body = engine.update(plain)
-            out = b"".join((head, body, mac.digest()[:d[_PK + "mac_size_out"]]))
-            d[_PK + "sequence_number_out"] = (seq + 1) & 0xFFFFFFFF
-            pk.write_all(out)
-            sent = d[_PK + "sent_bytes"] = d[_PK + "sent_bytes"] + len(out)
-            packets = d[_PK + "sent_packets"] = d[_PK + "sent_packets"] + 1
-    return bool(sent >= pk.REKEY_BYTES or packets >= pk.REKEY_PACKETS)
+    return _send_sealed(transport, pk, plain, _ctr_seal)
 
 
 def ctr_inbound(pk: Any) -> tuple[Any, Any, bytes, int, int]:
@@ -634,11 +647,7 @@ def ctr_received(pk: Any, nbytes: int) -> bool:
 
     Returns whether paramiko's rekey limits for receiving are reached.
     """
-    d = pk.__dict__
-    d[_PK + "sequence_number_in"] = (d[_PK + "sequence_number_in"] + 1) & 0xFFFFFFFF
-    got = d[_PK + "received_bytes"] = d[_PK + "received_bytes"] + nbytes
-    packets = d[_PK + "received_packets"] = d[_PK + "received_packets"] + 1
-    return bool(got >= pk.REKEY_BYTES or packets >= pk.REKEY_PACKETS)
+    return _count_in(pk, nbytes)
 
 
 def trigger_rekey(pk: Any) -> None:
