@@ -74,7 +74,6 @@ FAST_MACS = frozenset({"hmac-sha2-256", "hmac-sha2-512",
                        "hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com"})
 
 _GCM_TAG = 16
-_GCM_BLOCK = 16
 _AES_BLOCK = 16
 _U32 = struct.Struct(">I")
 _DATA_HEAD = struct.Struct(">BBII")  # padding length, message type, recipient, data length
@@ -431,7 +430,7 @@ class SessionIO:
         assert self.pk is not None
         head = self._read_exact(4)
         (size,) = _U32.unpack(head)
-        if size < _GCM_BLOCK or size > MAX_PACKET or size % _GCM_BLOCK:
+        if size < _AES_BLOCK or size > MAX_PACKET or size % _AES_BLOCK:
             raise paramiko.SSHException(f"bad inner packet length {size}")
         body = self._read_exact(size + _GCM_TAG)
         try:
