@@ -184,6 +184,8 @@ def test_known_release_turns_every_trick_on(make_tunnel: Callable[..., X2GoRevFw
         assert probe.may(trick) == (trick.applies_from <= paramiko_compat.PARAMIKO_RELEASE), trick.name
     # the fast path frames AES-GCM (>= 3.5) and AES-CTR + HMAC-SHA2 (every release)
     assert type(transport.packetizer) is fastpath.LeanPacketizer
+    # ... and writes through the ordered send, not the forwarded channel's own (see test_hostile_peers)
+    assert transport.sock.send != transport.sock._chan.send
     assert _compat_lines(caplog) == []
 
 
@@ -201,6 +203,8 @@ def test_an_unknown_release_turns_every_trick_off_and_the_session_works(
     assert "_channel_handler_table" not in vars(transport)
     assert not any(isinstance(c.in_buffer, tuning.ChunkPipe) for c in transport._channels.values())
     assert not any(paramiko_compat.probe(transport).allowed.values())
+    # The inner transport writes through the forwarded channel's own send.
+    assert transport.sock.send == transport.sock._chan.send
     # One line per transport probed: python-x2go's (its forwarded channel's pipe) and the inner one.
     lines = _compat_lines(caplog)
     assert len(lines) == 2

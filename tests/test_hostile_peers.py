@@ -14,6 +14,7 @@ and the relay of the plain TCP forward (no ``select()`` on channels).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -25,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -491,6 +493,94 @@ def test_pre_auth_flood_leaves_a_real_sshfs_mount_working(
     finally:
         if mnt is not None and is_mounted(mnt):
             subprocess.run(["umount", str(mnt)], capture_output=True)
+        tunnel.stop_thread()
+        tunnel.join(10)
+        outer.close()
+
+
+class StallingEvent:
+    """``Transport.clear_to_send`` whose ``wait`` holds one chosen thread back until ``release_when()``.
+
+    Every sender of channel messages, paramiko's ``Channel.send`` and ours
+    alike, passes ``clear_to_send.wait`` after it checked that the channel is
+    open and before it takes the transport's send lock: the gap in which a
+    close from another thread can overtake it (a scheduler can stall a thread
+    there for as long as it likes).  Everything else goes to the real Event.
+    """
+
+    def __init__(self, real: threading.Event, release_when: Callable[[], bool],
+                 spare: tuple[threading.Thread, ...]) -> None:
+        self._real = real
+        self._release_when = release_when
+        self._spare = spare
+        self.armed = False
+        self.stalled = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        me = threading.current_thread()
+        if self.armed and me not in self._spare and not self.stalled.is_set():
+            self.stalled.set()  # the first sender after arming, from one of the library's threads
+            assert wait_until(self._release_when, 30), "the channel was never closed"
+        return self._real.wait(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.mark.real
+def test_a_send_overtaken_by_the_channel_close_never_reaches_sshd(
+    no_leaks, real_sshd: RealSSHD, session_key, host_key, export_dir, local_user,
+):
+    """A reply stalled while pause() closes its channel must not follow the CLOSE onto the wire.
+
+    OpenSSH's sshd frees a channel once both CLOSEs are exchanged, and DATA for
+    a freed channel makes it drop the whole connection: python-x2go's, with
+    every X2Go channel on it.  Here the engine's reply is held back between
+    its "is the channel open" check and the transport's send lock until the
+    tunnel has closed the channel and sshd has answered the CLOSE.  paramiko's
+    ``Channel.send`` then sends the stale DATA (sshd: "data packet referred to
+    nonexistent channel"); :func:`paramiko_compat.channel_sender` looks again
+    under the lock and drops it.
+    """
+    outer = real_sshd.connect()
+    tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=session_key, exports=[export_dir], host_key=host_key)
+    tunnel.start()
+    client_transport = None
+    asker = None
+    try:
+        assert tunnel.wait_ready(30) and tunnel.forwarding
+        client_transport, sftp = sftp_client(tunnel.server_port, session_key, local_user)
+        sftp.stat(".")  # the session is up (and on the fast path where it applies)
+        (session,) = tunnel.open_channels.values()
+        forwarded = session.channel
+        # Spared: this thread (it closes the channel) and the transport's own.
+        stall = StallingEvent(outer.clear_to_send, lambda: outer._channels.get(forwarded.chanid) is None,
+                              spare=(threading.current_thread(), outer))
+        outer.clear_to_send = stall
+
+        def ask() -> None:
+            with contextlib.suppress(Exception):  # the session is closed under it
+                sftp.stat(".")
+
+        asker = threading.Thread(target=ask, daemon=True, name="asker")
+        stall.armed = True  # the next send on python-x2go's connection: the reply to this stat
+        asker.start()
+        assert stall.stalled.wait(30), "the reply was never sent"
+        tunnel.pause()  # closes the session's channel; sshd answers with its CLOSE
+        assert wait_until(lambda: outer._channels.get(forwarded.chanid) is None, 30)
+        asker.join(30)
+        # The stalled send has gone on by now: the connection must have survived it.
+        probe = outer.open_session()
+        probe.exec_command("true")
+        assert probe.recv_exit_status() == 0
+        probe.close()
+        assert outer.is_active()
+        assert "nonexistent channel" not in real_sshd.log()
+    finally:
+        if client_transport is not None:
+            client_transport.close()
+        if asker is not None:
+            asker.join(30)
         tunnel.stop_thread()
         tunnel.join(10)
         outer.close()

@@ -25,6 +25,7 @@ from typing import Any
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe
+from paramiko.common import cMSG_CHANNEL_DATA
 from paramiko.packet import NeedRekeyException, Packetizer
 from paramiko.sftp import BaseSFTP
 
@@ -133,6 +134,12 @@ FAST_PATH_CTR = Trick(
                 "socket", "_trigger_rekey", "write_all", "REKEY_BYTES", "REKEY_PACKETS"),
     channel=("_check_add_window", "out_buffer_cv", "in_buffer", "in_window_size", "out_window_size"),
 )
+CHANNEL_SEND = Trick(
+    "channel data before its close",
+    checked_on=((2, 12), (3, 5), (5, 1)),
+    transport=("clear_to_send", "clear_to_send_lock", "clear_to_send_timeout", "_send_message", "active"),
+    channel=("lock", "closed", "_wait_for_send_window", "remote_chanid"),
+)
 KEX_EXT_INFO = Trick(
     "ext-info marker order",
     checked_on=((2, 12), (3, 5), (5, 1)),
@@ -140,7 +147,7 @@ KEX_EXT_INFO = Trick(
 )
 
 TRICKS: tuple[Trick, ...] = (BOUNDED_PACKETIZER, CHANNEL_GUARD, CHUNK_PIPE, FAST_PATH, FAST_PATH_CTR,
-                             KEX_EXT_INFO)
+                             CHANNEL_SEND, KEX_EXT_INFO)
 """Every trick, with the releases it was checked on (``checked_on``)."""
 
 CHECKED_RELEASES: tuple[tuple[int, int], ...] = tuple(sorted({r for t in TRICKS for r in t.checked_on}))
@@ -670,6 +677,79 @@ def window_opened(chan: Any, nbytes: int) -> None:
 def send_user_message(transport: Any, m: paramiko.Message) -> None:
     """Send ``m`` as paramiko sends channel messages: waiting out a key exchange."""
     transport._send_user_message(m)
+
+
+# -- channel data never after the channel's close (every forwarded channel) -------------
+#
+# paramiko's ``Channel.send`` checks ``closed`` under the channel's lock, then
+# releases it and queues the packet for the transport (``_send_user_message``).
+# A close from another thread in that gap (ours: a session ending, ``pause()``,
+# the login gate; or paramiko's thread answering the peer's CLOSE) sends its
+# CHANNEL_CLOSE first, and the DATA goes out after it.  Once OpenSSH's sshd has
+# exchanged both CLOSEs it frees the channel, and DATA for a freed channel is a
+# protocol error: sshd disconnects ("data packet referred to nonexistent
+# channel") and python-x2go's whole connection, every X2Go channel with it, is
+# gone.  Seen once in CI, at the end of a pre-auth flood test.
+#
+# paramiko sets ``closed`` before it sends CHANNEL_CLOSE, and sends every
+# message under the transport's ``clear_to_send_lock``.  :func:`channel_sender`
+# makes the same check again under that lock, so what it sends precedes the
+# CLOSE, or is not sent.  It never holds the channel's lock while it waits for
+# the transport's (paramiko's own order), so it cannot deadlock a rekey.
+# Checked on: 2.12, 3.5, 5.1 (``Channel.send``/``_send`` and
+# ``Transport._send_user_message`` are the same code in all three).
+
+
+def channel_sender(chan: Any) -> Callable[[bytes], int]:
+    """``chan.send``, made safe against a concurrent close where this paramiko was checked.
+
+    Same contract as ``Channel.send``: waits for send window, returns the
+    bytes taken (0 if the channel got its EOF meanwhile), raises ``OSError``
+    on a closed channel, waits out a key exchange.
+    """
+    get_transport = getattr(chan, "get_transport", None)  # anything else with a send (tests: a socket)
+    transport = get_transport() if get_transport is not None else None
+    if transport is None or not may(transport, CHANNEL_SEND):
+        send: Callable[[bytes], int] = chan.send
+        return send
+
+    def ordered_send(data: bytes) -> int:
+        size = len(data)
+        with chan.lock:
+            if chan.closed:
+                raise OSError("Socket is closed")
+            size = chan._wait_for_send_window(size)
+            if size == 0:
+                return 0
+        m = paramiko.Message()
+        m.add_byte(cMSG_CHANNEL_DATA)
+        m.add_int(chan.remote_chanid)
+        m.add_string(data[:size])
+        _send_unless_closed(transport, chan, m)
+        return int(size)
+
+    return ordered_send
+
+
+def _send_unless_closed(transport: Any, chan: Any, m: paramiko.Message) -> None:
+    """``Transport._send_user_message(m)``, but raising OSError instead if ``chan`` was closed meanwhile."""
+    start = time.time()
+    while True:
+        transport.clear_to_send.wait(0.1)
+        if not transport.active:
+            return  # as paramiko: the connection is gone, nothing to send it on
+        transport.clear_to_send_lock.acquire()
+        if transport.clear_to_send.is_set():
+            break
+        transport.clear_to_send_lock.release()
+        if time.time() > start + transport.clear_to_send_timeout:
+            raise paramiko.SSHException("Key-exchange timed out waiting for key negotiation")
+    try:
+        if chan.closed:
+            raise OSError("Socket is closed")  # its CLOSE may be on the wire: DATA may not follow
+        transport._send_message(m)
+    finally:
+        transport.clear_to_send_lock.release()
 
 
 # -- paramiko's SFTP server internals the engine uses (checked on 2.12, 3.5, 5.1) ----------

@@ -291,7 +291,11 @@ class X2GoRevFwTunnel(threading.Thread):
         with self.incoming_channel:
             pending, self._pending = list(self._pending), collections.deque()
         for chan in pending:
-            chan.close()
+            try:
+                chan.close()
+            except Exception as e:  # the connection is gone already: nothing left to close on it
+                self.logger(f"closing a pending channel on port {self.server_port}: {e!r}",
+                            loglevel=log.loglevel_DEBUG)
 
     def _next_channel(self) -> paramiko.Channel | None:
         with self.incoming_channel:

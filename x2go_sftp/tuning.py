@@ -12,6 +12,7 @@ import collections
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paramiko
@@ -353,18 +354,37 @@ def use_chunk_pipe(chan: paramiko.Channel, limit: int | None = None) -> bool:
     return paramiko_compat.swap_in_buffer(chan, ChunkPipe(limit))
 
 
-class ReadAheadSocket:
-    """The forwarded channel as the inner transport's socket, read in large pieces.
+class ChannelSocket:
+    """The forwarded channel as the inner transport's socket.
 
-    paramiko's packetizer reads each SSH packet with two or three ``recv(n)``
-    calls (first block, rest, MAC), each one a channel read taking the
-    channel's locks and checking its window.  Here one channel read serves
-    all of them, and every packet already buffered after it.  Everything
-    but ``recv`` goes straight to the channel.
+    ``send`` is :func:`paramiko_compat.channel_sender`'s: never a DATA packet
+    after the channel's CLOSE, whichever thread closes it (a DATA packet
+    after it makes OpenSSH's sshd drop python-x2go's whole connection).
+    Everything else goes straight to the channel.
     """
 
     def __init__(self, chan: Any):
         self._chan = chan
+        self.send: Callable[[bytes], int] = paramiko_compat.channel_sender(chan)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._chan, name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._chan!r}>"
+
+
+class ReadAheadSocket(ChannelSocket):
+    """:class:`ChannelSocket` that reads the channel in large pieces.
+
+    paramiko's packetizer reads each SSH packet with two or three ``recv(n)``
+    calls (first block, rest, MAC), each one a channel read taking the
+    channel's locks and checking its window.  Here one channel read serves
+    all of them, and every packet already buffered after it.
+    """
+
+    def __init__(self, chan: Any):
+        super().__init__(chan)
         self._buf = b""
         self._pos = 0
 
@@ -382,20 +402,11 @@ class ReadAheadSocket:
             return out
         return self._buf[start:self._pos]
 
-    def send(self, data: bytes) -> int:
-        return int(self._chan.send(data))
-
     def read_buffered(self) -> int:
         """Bytes read ahead and not yet taken."""
         return max(len(self._buf) - self._pos, 0)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._chan, name)
-
-    def __repr__(self) -> str:
-        return f"<ReadAheadSocket {self._chan!r}>"
-
 
 def inner_socket(chan: Any) -> Any:
-    """What the inner transport should read: ``chan`` wrapped in :class:`ReadAheadSocket` if enabled."""
-    return ReadAheadSocket(chan) if USE_READ_AHEAD else chan
+    """The inner transport's socket: ``chan`` as a :class:`ReadAheadSocket`, or a :class:`ChannelSocket` if read-ahead is off."""
+    return ReadAheadSocket(chan) if USE_READ_AHEAD else ChannelSocket(chan)
