@@ -426,6 +426,7 @@ def _chan_to_sock(sock: socket.socket, chan: paramiko.Channel, state: _RelayStat
 
 
 def _sock_to_chan(sock: socket.socket, chan: paramiko.Channel, state: _RelayState) -> None:
+    send = paramiko_compat.channel_sender(chan)  # never DATA after the channel's CLOSE (see there)
     try:
         while not state.done.is_set():
             data = sock.recv(RELAY_CHUNK)
@@ -433,7 +434,7 @@ def _sock_to_chan(sock: socket.socket, chan: paramiko.Channel, state: _RelayStat
                 break
             while data:  # Channel.sendall loses count of what it sent when it times out
                 try:
-                    data = data[chan.send(data):]
+                    data = data[send(data):]
                 except TimeoutError:
                     if state.done.is_set():
                         return
