@@ -377,3 +377,46 @@ def test_a_held_reply_is_sent_before_waiting_for_the_rest_of_a_request(make_tunn
     assert _raw_replies(chan, 1) == [1]
     chan.sendall(second[3:])
     assert _raw_replies(chan, 1) == [2]
+
+
+_READER_FIRST = r"""
+import sys
+from gevent import monkey
+monkey.patch_all()
+import gevent
+from x2go_sftp import tuning
+tuning.YIELD_TO_READER = sys.argv[1] == "on"
+pipe = tuning.ChunkPipe()
+order = []
+def reader():
+    order.append(("read", pipe.read(100)))
+g = gevent.spawn(reader)
+gevent.sleep(0)  # the reader blocks in read()
+pipe.feed(b"request")
+order.append(("feed returned", None))
+g.join(10)
+print(order)
+"""
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_under_gevent_a_waiting_reader_runs_before_feed_returns(setting: str) -> None:
+    """The transport's greenlet lets the engine answer first; without the yield it would run on."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _READER_FIRST, setting], capture_output=True, text=True,
+                         timeout=60, env=env, cwd=root)
+    assert res.returncode == 0, res.stderr
+    order = res.stdout.strip()
+    if setting == "on":
+        assert order == "[('read', b'request'), ('feed returned', None)]"
+    else:
+        assert order == "[('feed returned', None), ('read', b'request')]"
+
+
+def test_with_threads_feed_never_yields() -> None:
+    # Measured worse with plain threads (the GIL hand-over costs more than it saves).
+    assert not tuning.ChunkPipe()._yield_to_reader
