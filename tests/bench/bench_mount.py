@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh-venvs", action="store_true", help="rebuild the paramiko venvs from scratch")
     parser.add_argument("--disable", default="",
                         help="switch library optimisations off: nodelay,gcm,pipe,fit,readahead,hold,fastpath,ack,"
-                             "asbytes,yield")
+                             "asbytes")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                         help="override an integer constant of x2go_sftp.tuning in the library workers")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of the library here")
