@@ -30,9 +30,10 @@ import paramiko
 import pytest
 from paramiko.packet import Packetizer
 
+from tests.test_hostile_peers import wait_until
 from x2go_sftp import X2GoRevFwTunnelToSFTP, fastpath, inner, paramiko_compat, tuning
 from x2go_sftp.defaults import current_local_user
-from x2go_sftp.testing import sftp_client
+from x2go_sftp.testing import LoopbackX2GoServer, sftp_client
 
 PACKAGE = Path(paramiko_compat.__file__).parent
 HAS_GCM = "aes128-gcm@openssh.com" in paramiko_compat.supported_ciphers()
@@ -166,9 +167,16 @@ def _roundtrip(sftp: paramiko.SFTPClient, path: str, size: int = 300_000) -> Non
         assert f.read(size) == data
 
 
-def _compat_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+def _compat_lines(caplog: pytest.LogCaptureFixture, *transports: Any) -> list[str]:
+    """The "off for this connection" lines, only those naming one of ``transports`` if given.
+
+    (The loopback X2Go server relays its forwarded port with our ``relay``, so
+    its own transport gets probed too: it stands for sshd, and is not counted.)
+    """
+    names = tuple(f"<paramiko.Transport at {hex(id(t) & 0xFFFFFFFF)} " for t in transports)
     return [r.getMessage() for r in caplog.records
-            if r.name == "x2go_sftp.paramiko-compat" and "off for this connection" in r.getMessage()]
+            if r.name == "x2go_sftp.paramiko-compat" and "off for this connection" in r.getMessage()
+            and (not names or any(n in r.getMessage() for n in names))]
 
 
 def test_known_release_turns_every_trick_on(make_tunnel: Callable[..., X2GoRevFwTunnelToSFTP],
@@ -190,7 +198,7 @@ def test_known_release_turns_every_trick_on(make_tunnel: Callable[..., X2GoRevFw
 
 
 def test_an_unknown_release_turns_every_trick_off_and_the_session_works(
-        monkeypatch: pytest.MonkeyPatch, make_tunnel: Callable[..., X2GoRevFwTunnelToSFTP],
+        monkeypatch: pytest.MonkeyPatch, outer: paramiko.Transport, make_tunnel: Callable[..., X2GoRevFwTunnelToSFTP],
         connect: Callable[..., paramiko.SFTPClient], export_dir: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="x2go_sftp")
     monkeypatch.setattr(paramiko_compat, "PARAMIKO_RELEASE", (6, 0))
@@ -206,7 +214,7 @@ def test_an_unknown_release_turns_every_trick_off_and_the_session_works(
     # The inner transport writes through the forwarded channel's own send.
     assert transport.sock.send == transport.sock._chan.send
     # One line per transport probed: python-x2go's (its forwarded channel's pipe) and the inner one.
-    lines = _compat_lines(caplog)
+    lines = _compat_lines(caplog, outer, transport)
     assert len(lines) == 2
     for line in lines:
         assert "not checked on this release" in line
@@ -215,7 +223,7 @@ def test_an_unknown_release_turns_every_trick_off_and_the_session_works(
 
 
 def test_a_missing_name_turns_its_trick_off_and_the_session_works(
-        monkeypatch: pytest.MonkeyPatch, make_tunnel: Callable[..., X2GoRevFwTunnelToSFTP],
+        monkeypatch: pytest.MonkeyPatch, outer: paramiko.Transport, make_tunnel: Callable[..., X2GoRevFwTunnelToSFTP],
         connect: Callable[..., paramiko.SFTPClient], export_dir: str, caplog: pytest.LogCaptureFixture) -> None:
     """paramiko without ``Packetizer._trigger_rekey`` (only the fast path needs it in a short session)."""
     caplog.set_level(logging.INFO, logger="x2go_sftp")
@@ -227,7 +235,7 @@ def test_a_missing_name_turns_its_trick_off_and_the_session_works(
     assert not probe.may(paramiko_compat.FAST_PATH) and not probe.may(paramiko_compat.FAST_PATH_CTR)
     assert probe.may(paramiko_compat.BOUNDED_PACKETIZER) and probe.may(paramiko_compat.CHANNEL_GUARD)
     assert type(transport.packetizer) is paramiko_compat.BoundedPacketizer
-    lines = _compat_lines(caplog)
+    lines = _compat_lines(caplog, outer, transport)
     # one line per transport probed (python-x2go's and the inner one), naming only the fast path
     assert len(lines) == 2
     assert all(line.endswith("fast path (AES-CTR + HMAC-SHA2): missing Packetizer._trigger_rekey")
@@ -551,3 +559,68 @@ def test_data_declaring_more_than_it_carries_ends_the_connection(
     assert not logged_in.is_alive(), "the server kept a connection that sent a short CHANNEL_DATA string"
     _all_inner_gone(tunnel)
     _serves(tunnel, session_key, export_dir)
+
+
+# -- paramiko issue 822: a CLOSE arriving while python-x2go's connection rekeys ------------
+
+
+def _close_during_rekey(x2go_server: LoopbackX2GoServer, outer: paramiko.Transport) -> tuple[
+        BaseException | None, paramiko.Channel]:
+    """The X2Go server closes a command channel while our KEXINIT is out; what the rekey raised.
+
+    The server's transport is held back from answering our KEXINIT (the test
+    holds its send lock) until its CLOSE is on the wire, as happens when a
+    python-x2go command ends just as a rekey starts.
+    """
+    chan = outer.open_session()
+    server_t = x2go_server.transports[-1]
+    assert wait_until(lambda: len(server_t._channels.values()) == 1, 10)
+    (server_chan,) = server_t._channels.values()
+    outer.clear_to_send_timeout = 5.0  # paramiko's 30 s, shortened: the failure is this timeout
+    failure: list[BaseException] = []
+
+    def rekey() -> None:
+        try:
+            outer.renegotiate_keys()
+        except BaseException as e:
+            failure.append(e)
+
+    server_t.clear_to_send_lock.acquire()  # the server cannot send its KEXINIT yet
+    try:
+        rekeyer = threading.Thread(target=rekey, daemon=True, name="rekey")
+        rekeyer.start()
+        assert wait_until(lambda: not outer.clear_to_send.is_set(), 10)  # our KEXINIT is out
+        close = paramiko.Message()
+        close.add_byte(paramiko.common.cMSG_CHANNEL_CLOSE)
+        close.add_int(server_chan.remote_chanid)
+        server_t._send_message(close)  # straight to the packetizer, past the held lock
+        assert wait_until(lambda: chan.closed, 10)  # our transport's thread has handled it
+    finally:
+        server_t.clear_to_send_lock.release()
+    rekeyer.join(30)
+    assert not rekeyer.is_alive()
+    return (failure[0] if failure else None), chan
+
+
+def test_a_close_during_a_rekey_is_answered_after_it_and_the_connection_lives(
+        x2go_server: LoopbackX2GoServer, outer: paramiko.Transport,
+        make_tunnel: Callable[..., X2GoRevFwTunnelToSFTP], export_dir: str) -> None:
+    make_tunnel([export_dir])  # a tunnel on python-x2go's connection installs the handler
+    error, chan = _close_during_rekey(x2go_server, outer)
+    assert error is None
+    assert chan.closed
+    assert outer.is_active()
+    # Our CLOSE went out after the key exchange: the server's side of the channel is closed too.
+    server_t = x2go_server.transports[-1]
+    assert wait_until(lambda: not server_t._channels.values(), 10)
+    probe = outer.open_session()  # and the connection carries new channels
+    assert wait_until(lambda: len(server_t._channels.values()) == 1, 10)
+    probe.close()
+
+
+def test_without_the_handler_paramiko_hangs_and_loses_the_connection(
+        x2go_server: LoopbackX2GoServer, outer: paramiko.Transport) -> None:
+    """What the handler prevents (paramiko's own behaviour: no tunnel on this transport)."""
+    error, _ = _close_during_rekey(x2go_server, outer)
+    assert error is not None
+    assert not outer.is_active()

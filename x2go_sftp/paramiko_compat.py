@@ -18,6 +18,7 @@ import errno
 import hmac
 import itertools
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe
-from paramiko.common import cMSG_CHANNEL_DATA
+from paramiko.common import MSG_CHANNEL_CLOSE, cMSG_CHANNEL_DATA
 from paramiko.packet import NeedRekeyException, Packetizer
 from paramiko.sftp import BaseSFTP
 
@@ -140,6 +141,13 @@ CHANNEL_SEND = Trick(
     transport=("clear_to_send", "clear_to_send_lock", "clear_to_send_timeout", "_send_message", "active"),
     channel=("lock", "closed", "_wait_for_send_window", "remote_chanid"),
 )
+KEX_CLOSE = Trick(
+    "channel close during a key exchange",
+    checked_on=((2, 12), (3, 5), (5, 1)),
+    transport=("_channel_handler_table", "clear_to_send", "clear_to_send_lock", "_send_message",
+               "_send_user_message", "_unlink_channel"),
+    channel=("lock", "_close_internal", "chanid"),
+)
 KEX_EXT_INFO = Trick(
     "ext-info marker order",
     checked_on=((2, 12), (3, 5), (5, 1)),
@@ -147,7 +155,7 @@ KEX_EXT_INFO = Trick(
 )
 
 TRICKS: tuple[Trick, ...] = (BOUNDED_PACKETIZER, CHANNEL_GUARD, CHUNK_PIPE, FAST_PATH, FAST_PATH_CTR,
-                             CHANNEL_SEND, KEX_EXT_INFO)
+                             CHANNEL_SEND, KEX_CLOSE, KEX_EXT_INFO)
 """Every trick, with the releases it was checked on (``checked_on``)."""
 
 CHECKED_RELEASES: tuple[tuple[int, int], ...] = tuple(sorted({r for t in TRICKS for r in t.checked_on}))
@@ -752,6 +760,62 @@ def _send_unless_closed(transport: Any, chan: Any, m: paramiko.Message) -> None:
         transport.clear_to_send_lock.release()
 
 
+# -- a channel's CLOSE arriving during a key exchange (python-x2go's connection) ----------
+#
+# paramiko issue 822.  ``Channel._handle_close`` runs in the transport's own
+# thread and answers with ``_send_user_message``, which waits while a key
+# exchange is under way: for the one thread that could finish it.  The
+# transport then hangs until ``clear_to_send_timeout`` (30 s) and dies with
+# "Key-exchange timed out", python-x2go's whole connection with it.  A key
+# exchange starts on python-x2go's connection every 512 MiB paramiko moves
+# (``REKEY_BYTES``; our shares move that much) or at ``outer_gcm``, and
+# python-x2go's short commands close channels all the time.
+#
+# :func:`answer_close_after_kex` gives that one transport its own CLOSE
+# handler: outside a key exchange it is paramiko's; during one, it closes and
+# unlinks the channel as paramiko does and leaves the answer to a helper thread
+# that sends it as soon as the exchange is over (RFC 4253 7.1 forbids it
+# earlier anyway).  Checked on 2.12, 3.5, 5.1 (the same ``_handle_close``).
+
+_KEX_CLOSE_ATTR = "x2go_sftp_kex_close"  # ours: marks a transport that has the handler
+
+
+def answer_close_after_kex(transport: Any) -> bool:
+    """Install the CLOSE handler above on ``transport`` (once); False where the probe says no."""
+    if getattr(transport, _KEX_CLOSE_ATTR, False):
+        return True
+    paramiko_close = paramiko_channel_handler(MSG_CHANNEL_CLOSE)
+    if paramiko_close is None or not may(transport, KEX_CLOSE):
+        return False
+
+    def handle_close(chan: Any, m: Any) -> None:
+        if transport.clear_to_send.is_set():
+            paramiko_close(chan, m)
+            return
+        with chan.lock:
+            msgs = [msg for msg in chan._close_internal() if msg is not None]
+            transport._unlink_channel(chan.chanid)
+        if not msgs:
+            return
+
+        def answer() -> None:
+            with contextlib.suppress(Exception):  # the connection ended meanwhile: nothing to answer
+                for msg in msgs:
+                    transport._send_user_message(msg)
+
+        try:
+            threading.Thread(target=answer, daemon=True, name="x2go-sftp-close-after-kex").start()
+        except RuntimeError:  # no thread to spare: paramiko's own way, waiting in this thread
+            answer()
+
+    table = dict(transport._channel_handler_table)
+    table[MSG_CHANNEL_CLOSE] = handle_close
+    transport._channel_handler_table = table
+    with contextlib.suppress(Exception):
+        setattr(transport, _KEX_CLOSE_ATTR, True)
+    return True
+
+
 # -- paramiko's SFTP server internals the engine uses (checked on 2.12, 3.5, 5.1) ----------
 #
 # Each falls back to plain behaviour where the name is missing.
@@ -930,7 +994,6 @@ def cancel_handshake_timer(transport: Any) -> None:
 
 import os  # noqa: E402  (this section's own imports, kept beside it)
 import sys  # noqa: E402
-import threading  # noqa: E402
 
 # (Callable and log: imported at the top)
 

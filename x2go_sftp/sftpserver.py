@@ -159,6 +159,9 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         self.login_gate = LoginGate(max_startups, max_connections, logger=self.logger)
         if tcp_nodelay:
             tuning.set_tcp_nodelay(ssh_transport, self.logger)
+        if ssh_transport is not None:
+            # paramiko issue 822: a CLOSE during a rekey would hang python-x2go's connection.
+            paramiko_compat.answer_close_after_kex(ssh_transport)
         if outer_gcm:
             tuning.rekey_outer_to_gcm(ssh_transport, self.logger)
         paramiko_compat.fix_asbytes(self.logger)  # paramiko 2.x: no repr per packet sent (process-wide)
