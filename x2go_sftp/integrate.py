@@ -308,8 +308,8 @@ def install(host_key: paramiko.PKey | None = None, outer_gcm: bool = False) -> b
         outer_gcm: every tunnel python-x2go starts gets ``outer_gcm=True``: its
             connection is rekeyed to prefer AES-GCM where the X2Go server offers
             it (see :class:`~x2go_sftp.sftpserver.X2GoRevFwTunnelToSFTP`).  Off by
-            default: inside real python-x2go the rekey meets paramiko's issue 822
-            about once in eight shares and ends python-x2go's connection.
+            default (docs/performance.md: what it is worth inside real
+            python-x2go, and why it stays an opt-in).
 
     Returns:
         True if this call installed, False if it was already installed.

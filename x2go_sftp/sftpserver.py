@@ -107,11 +107,13 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
             to leave the socket as the caller made it.
         outer_gcm: opt-in: renegotiate ``ssh_transport`` to prefer AES-GCM
             (when paramiko and the server have it), the cheapest cipher per
-            byte.  Off by default: it changes the caller's connection, and
-            paramiko's issue 822 (a channel close arriving while the rekey is
-            under way blocks paramiko's transport thread until the key
-            exchange times out, ending the connection) makes it fail about
-            once in eight inside real python-x2go (docs/performance.md).
+            byte.  Off by default: it changes the caller's connection.  The
+            failure once seen inside real python-x2go (paramiko's issue 822:
+            a channel close arriving while the rekey is under way hung
+            paramiko's transport thread until the key exchange timed out) is
+            handled on every tunnel's outer transport
+            (:func:`~x2go_sftp.paramiko_compat.answer_close_after_kex`);
+            see docs/performance.md for what it is worth.
         login_grace_time: seconds a connection has from its arrival to an
             authenticated session channel (default :data:`inner.LOGIN_GRACE_TIME`).
         max_startups: connections that may be logging in at once; more are
