@@ -418,16 +418,17 @@ def bound_packetizer(transport: Any, cls: type[BoundedPacketizer] = BoundedPacke
 # -- channel messages on inner transports ------------------------------------------------
 
 
-def override_channel_handlers(transport: Any, handlers: dict[int, Callable[[Any, Any], None]]) -> bool:
+def override_channel_handlers(transport: Any, handlers: dict[int, Callable[[Any, Any], None]],
+                              trick: Trick = CHANNEL_GUARD) -> bool:
     """Handle these channel message types on ``transport`` only (an instance copy of paramiko's table).
 
     paramiko dispatches channel messages as ``self._channel_handler_table[ptype](chan, m)``
     (2.12 .. 5.x), so a copy on the instance changes this transport alone.
 
     Returns:
-        True if installed; False where the probe said no.
+        True if installed; False where the probe said no to ``trick``.
     """
-    if not may(transport, CHANNEL_GUARD):
+    if not may(transport, trick):
         return False
     table = dict(transport._channel_handler_table)
     if not all(ptype in table for ptype in handlers):
@@ -785,7 +786,7 @@ def answer_close_after_kex(transport: Any) -> bool:
     if getattr(transport, _KEX_CLOSE_ATTR, False):
         return True
     paramiko_close = paramiko_channel_handler(MSG_CHANNEL_CLOSE)
-    if paramiko_close is None or not may(transport, KEX_CLOSE):
+    if paramiko_close is None:
         return False
 
     def handle_close(chan: Any, m: Any) -> None:
@@ -808,9 +809,8 @@ def answer_close_after_kex(transport: Any) -> bool:
         except RuntimeError:  # no thread to spare: paramiko's own way, waiting in this thread
             answer()
 
-    table = dict(transport._channel_handler_table)
-    table[MSG_CHANNEL_CLOSE] = handle_close
-    transport._channel_handler_table = table
+    if not override_channel_handlers(transport, {MSG_CHANNEL_CLOSE: handle_close}, KEX_CLOSE):
+        return False
     with contextlib.suppress(Exception):
         setattr(transport, _KEX_CLOSE_ATTR, True)
     return True
