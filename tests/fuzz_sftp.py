@@ -105,7 +105,7 @@ from x2go_sftp import X2GoRevFwTunnelToSFTP, paramiko_compat
 from x2go_sftp.defaults import current_local_user
 from x2go_sftp.engine import MAX_PACKET_LENGTH, MAX_READ_LENGTH, MAX_WRITE_LENGTH
 from x2go_sftp.exports import MAX_PATH_BYTES, Exports
-from x2go_sftp.testing import LoopbackX2GoServer
+from x2go_sftp.testing import ClientTransport, LoopbackX2GoServer
 
 # -- limits of the fuzzer itself ----------------------------------------------------------
 # A request with neither a reply nor a close within this many seconds is a hang.
@@ -1180,7 +1180,7 @@ class Rig:
         """A client connection logged in with the session key."""
         sock = socket.create_connection(("127.0.0.1", self.tunnel.server_port), timeout=self.deadline)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport = paramiko.Transport(sock)
+        transport = ClientTransport(sock)
         self._n += 1
         transport.name = f"{CLIENT_THREAD_PREFIX}-{self._n}"
         try:

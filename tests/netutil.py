@@ -77,3 +77,90 @@ class LocalService:
         for t in self.handlers:
             t.join(10)
         assert not self.thread.is_alive()
+
+
+MSG_NEWKEYS = 21  # RFC 4253 7.3
+
+
+def first_encrypted_offset(stream: bytes) -> int | None:
+    """Where the first encrypted packet starts in a client's byte stream, once its NEWKEYS is in ``stream``.
+
+    Before NEWKEYS, SSH packets are clear: a 4-byte length, then that many
+    bytes, the message type after the padding-length byte (RFC 4253 6).
+    """
+    line_end = stream.find(b"\n")
+    if line_end < 0:
+        return None
+    at = line_end + 1
+    while at + 6 <= len(stream):
+        length = int.from_bytes(stream[at:at + 4], "big")
+        if stream[at + 5] == MSG_NEWKEYS:
+            return at + 4 + length
+        at += 4 + length
+    return None
+
+
+class CorruptingProxy:
+    """A TCP relay to ``port`` that flips one bit of what the client sends, for one connection.
+
+    The bit is in the byte at offset ``after`` of the client's stream, or, with
+    ``after_newkeys``, that many bytes into the first packet encrypted with
+    the negotiated keys (what a transport reads before any session runs).
+    """
+
+    def __init__(self, port: int, after: int = 0, after_newkeys: int | None = None):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = port
+        self.after: int | None = None if after_newkeys is not None else after
+        self.after_newkeys = after_newkeys
+        self.flipped = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.socks: list[socket.socket] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        up = socket.create_connection(("127.0.0.1", self.target))
+        self.socks += [conn, up]
+        for src, dst, flip in ((conn, up, True), (up, conn, False)):
+            t = threading.Thread(target=self._pump, args=(src, dst, flip), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, flip: bool) -> None:
+        seen = 0
+        history = bytearray()
+        try:
+            while data := src.recv(65536):
+                if flip and self.after is None and self.after_newkeys is not None:
+                    history += data
+                    start = first_encrypted_offset(bytes(history))
+                    if start is not None:
+                        self.after = start + self.after_newkeys
+                if flip and self.after is not None and seen <= self.after < seen + len(data):
+                    i = self.after - seen
+                    data = data[:i] + bytes((data[i] ^ 0x01,)) + data[i + 1:]
+                    self.flipped.set()
+                seen += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for t in self.threads:
+            t.join(10)
+        for s in self.socks:
+            s.close()

@@ -34,6 +34,7 @@ from x2go_sftp import engine as eng
 from x2go_sftp.backend import DirHandle, JailedSFTPServer
 from x2go_sftp.defaults import current_local_user
 from x2go_sftp.exports import Exports
+from x2go_sftp.testing import ClientTransport
 
 # Packet types and flags (draft-ietf-secsh-filexfer-02).
 INIT, VERSION, OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT, SETSTAT, FSETSTAT = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
@@ -233,7 +234,7 @@ class RawSFTP:
 
 def open_raw(port: int, key: paramiko.PKey) -> tuple[paramiko.Transport, RawSFTP]:
     sock = socket.create_connection(("127.0.0.1", port))
-    transport = paramiko.Transport(sock)
+    transport = ClientTransport(sock)
     transport.start_client()
     transport.auth_publickey(current_local_user(), key)
     chan = transport.open_session()

@@ -9,7 +9,6 @@ each must hand the transport back to paramiko at the right packet.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import socket
@@ -21,12 +20,14 @@ from typing import Any
 import paramiko
 import pytest
 
+from tests.netutil import CorruptingProxy
 from x2go_sftp import X2GoRevFwTunnelToSFTP, fastpath, tuning
 from x2go_sftp.defaults import current_local_user
-from x2go_sftp.testing import sftp_client
+from x2go_sftp.testing import ClientTransport, inner_speaks_gcm, sftp_client
 
-# paramiko < 3.5 has no AES-GCM; AES-CTR + HMAC-SHA2 is every release's.
-HAS_GCM = "aes128-gcm@openssh.com" in getattr(paramiko.Transport, "_cipher_info", {})
+# AES-GCM: paramiko's own from 3.3, the inner transport's backport before (checked on 2.12);
+# AES-CTR + HMAC-SHA2 is every release's.
+INNER_GCM = inner_speaks_gcm()
 
 # The wires the fast path frames itself, as (cipher, MAC): what OpenSSH's clients agree with
 # paramiko >= 3.5 (GCM, its MAC unused), with paramiko 2.12 (CTR + encrypt-then-MAC), and
@@ -73,8 +74,8 @@ def flog() -> FastLog:
 def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The inner server offers only this wire's cipher, and both ends only its MAC."""
     cipher, mac = WIRES[request.param]
-    if cipher not in getattr(paramiko.Transport, "_cipher_info", {}):
-        pytest.skip(f"paramiko {paramiko.__version__} has no {cipher}")
+    if cipher in fastpath.FAST_CIPHERS and not INNER_GCM:
+        pytest.skip(f"no {cipher} for the inner transport on paramiko {paramiko.__version__}")
     monkeypatch.setattr(tuning, "PREFERRED_CIPHERS", (cipher,))
     if mac:
         monkeypatch.setattr(paramiko.Transport, "_preferred_macs", (mac,))
@@ -192,7 +193,7 @@ def test_global_requests_are_answered_between_data(client: Any, export_dir: str,
 def test_small_client_window_and_packets(tunnel: Any, session_key: Any, export_dir: str, flog: FastLog,
                                          rekey_every: int | None, wire: str) -> None:
     sock = socket.create_connection(("127.0.0.1", tunnel.server_port))
-    transport = paramiko.Transport(sock)
+    transport = ClientTransport(sock)
     try:
         transport.start_client()
         on_wire(transport, wire)
@@ -229,53 +230,6 @@ def test_two_sessions_on_one_connection(client: Any, export_dir: str, flog: Fast
     assert min(s["stretches"] for s in stats) == 0
 
 
-class CorruptingProxy:
-    """A TCP relay to the tunnel's port that flips one bit after ``after`` client bytes."""
-
-    def __init__(self, port: int, after: int):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.target = port
-        self.after = after
-        self.threads: list[threading.Thread] = []
-        self.socks: list[socket.socket] = []
-        t = threading.Thread(target=self._accept, daemon=True)
-        t.start()
-        self.threads.append(t)
-
-    def _accept(self) -> None:
-        conn, _ = self.listener.accept()
-        up = socket.create_connection(("127.0.0.1", self.target))
-        self.socks += [conn, up]
-        for src, dst, flip in ((conn, up, True), (up, conn, False)):
-            t = threading.Thread(target=self._pump, args=(src, dst, flip), daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, flip: bool) -> None:
-        seen = 0
-        try:
-            while data := src.recv(65536):
-                if flip and seen <= self.after < seen + len(data):
-                    i = self.after - seen
-                    data = data[:i] + bytes((data[i] ^ 0x01,)) + data[i + 1:]
-                seen += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
-        for t in self.threads:
-            t.join(10)
-        for s in self.socks:
-            s.close()
-
-
 def test_corrupted_packet_ends_the_connection_cleanly(no_leaks: None, tunnel: Any, session_key: Any,
                                                       export_dir: str, flog: FastLog, wire: str) -> None:
     proxy = CorruptingProxy(tunnel.server_port, after=400_000)
@@ -310,7 +264,7 @@ class WindowFilled:
         with open(export_dir + "/j.bin", "wb") as f:
             f.write(self.data)
         self.consumed = 0
-        self.transport = paramiko.Transport(socket.create_connection(("127.0.0.1", port)))
+        self.transport = ClientTransport(socket.create_connection(("127.0.0.1", port)))
         try:
             self.transport.start_client()
             self.transport.auth_publickey(current_local_user(), session_key)
@@ -419,8 +373,8 @@ def test_the_fast_path_needs_its_cipher_and_mac_by_name(monkeypatch: pytest.Monk
     """A cipher (or MAC) negotiated under a name the fast path does not list: paramiko carries the data."""
     wire = "gcm" if setting == "FAST_CIPHERS" else "ctr-etm"
     cipher, mac = WIRES[wire]
-    if cipher not in getattr(paramiko.Transport, "_cipher_info", {}):
-        pytest.skip(f"paramiko {paramiko.__version__} has no {cipher}")
+    if cipher in fastpath.FAST_CIPHERS and not INNER_GCM:
+        pytest.skip(f"no {cipher} for the inner transport on paramiko {paramiko.__version__}")
     monkeypatch.setattr(tuning, "PREFERRED_CIPHERS", (cipher,))
     if mac:
         monkeypatch.setattr(paramiko.Transport, "_preferred_macs", (mac,))
@@ -437,8 +391,8 @@ def test_the_fast_path_needs_its_cipher_and_mac_by_name(monkeypatch: pytest.Monk
 
 def test_aes256_gcm_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch, tunnel: Any, session_key: Any,
                                         export_dir: str, flog: FastLog) -> None:
-    if not HAS_GCM:
-        pytest.skip(f"paramiko {paramiko.__version__} has no AES-GCM")
+    if not INNER_GCM:
+        pytest.skip(f"no AES-GCM for the inner transport on paramiko {paramiko.__version__}")
     monkeypatch.setattr(tuning, "PREFERRED_CIPHERS", ("aes256-gcm@openssh.com",))
     transport, sftp = sftp_client(tunnel.server_port, session_key, current_local_user())
     try:
@@ -514,7 +468,7 @@ def test_no_data_is_sent_once_a_key_exchange_began(make_tunnel: Callable[..., X2
     only key exchange messages may follow until NEWKEYS; the data waits and arrives intact."""
     tunnel = make_tunnel([export_dir], logger=flog)
     sock = socket.create_connection(("127.0.0.1", tunnel.server_port))
-    transport = paramiko.Transport(sock)
+    transport = ClientTransport(sock)
     watch = KexWatch(transport)
     data = os.urandom(8 << 20)
     with open(export_dir + "/n.bin", "wb") as f:

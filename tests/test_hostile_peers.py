@@ -35,7 +35,7 @@ from tests.netutil import LocalService
 from tests.realpeers import RealSSHD, is_mounted, write_key_files
 from x2go_sftp import X2GoRevFwTunnel, X2GoRevFwTunnelToSFTP, auth, log
 from x2go_sftp.sftpserver import X2GoRevFwSFTPChannelThread
-from x2go_sftp.testing import SERVER_THREAD_PREFIX, sftp_client
+from x2go_sftp.testing import SERVER_THREAD_PREFIX, ClientTransport, sftp_client
 
 # The login deadline of the tunnels in these tests (the default is 30 s).
 GRACE = 1.0
@@ -211,7 +211,7 @@ def test_peers_that_send_a_banner_and_leave_leave_no_thread_behind(no_leaks, mak
 
 
 def _transport_to(port: int) -> paramiko.Transport:
-    transport = paramiko.Transport(socket.create_connection(("127.0.0.1", port)))
+    transport = ClientTransport(socket.create_connection(("127.0.0.1", port)))
     transport.start_client(timeout=30)
     return transport
 
@@ -281,7 +281,7 @@ def test_logged_in_connections_per_tunnel_are_capped(no_leaks, make_tunnel, expo
     tunnel = make_tunnel([export_dir], max_connections=2)
     opened = [sftp_client(tunnel.server_port, session_key, local_user) for _ in range(2)]
     try:
-        transport = paramiko.Transport(socket.create_connection(("127.0.0.1", tunnel.server_port)))
+        transport = ClientTransport(socket.create_connection(("127.0.0.1", tunnel.server_port)))
         try:
             transport.start_client(timeout=30)
             transport.auth_publickey(local_user, session_key)  # the key is right ...

@@ -38,6 +38,7 @@ import pytest
 
 from tests.realpeers import RealSSHD, is_mounted, require, running_sshd
 from x2go_sftp.share import KEY_DIR_PREFIX, Share, ShareCancelled, ShareError, share
+from x2go_sftp.testing import ClientTransport
 
 pytestmark = pytest.mark.real
 
@@ -350,7 +351,7 @@ def test_dot_dot_is_refused_on_the_forwarded_port(
     (kd,) = key_dirs(remote_user)
     key = paramiko.RSAKey.from_private_key_file(os.path.join(kd, "key"))
     port = int(Path(kd, "key.ident").read_text().split()[0].split(":")[1])
-    transport = paramiko.Transport(("127.0.0.1", port))
+    transport = ClientTransport(("127.0.0.1", port))
     try:
         transport.connect(username=pwd.getpwuid(os.getuid()).pw_name, pkey=key)
         sftp = paramiko.SFTPClient.from_transport(transport)

@@ -17,7 +17,7 @@ import paramiko
 import pytest
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 
-from x2go_sftp import tuning
+from x2go_sftp import paramiko_compat, tuning
 
 HAS_GCM = "aes128-gcm@openssh.com" in paramiko.Transport._cipher_info
 
@@ -208,14 +208,13 @@ def test_channels_we_own_acknowledge_data_in_quarters_of_the_window(make_tunnel,
 
 
 # -- ciphers ---------------------------------------------------------------------------
-def test_inner_transport_negotiates_gcm_where_paramiko_has_it(make_tunnel, connect, export_dir):
+def test_inner_transport_negotiates_gcm_on_every_paramiko(make_tunnel, connect, export_dir):
+    """AES-GCM inside, paramiko's own from 3.3, the backport before (2.12: Debian 12, Ubuntu 24.04)."""
     tunnel = make_tunnel([export_dir])
     connect(tunnel).listdir(export_dir)
     inner = _inner_transport(tunnel)
-    if HAS_GCM:
-        assert inner.local_cipher == inner.remote_cipher == "aes128-gcm@openssh.com"
-    else:  # paramiko < 3.3: paramiko's own defaults, and the session works
-        assert inner.local_cipher in paramiko.Transport._preferred_ciphers
+    assert inner.local_cipher == inner.remote_cipher == "aes128-gcm@openssh.com"
+    assert paramiko_compat.gcm_backported(inner) == (not HAS_GCM)
 
 
 def test_prefer_fast_ciphers_leaves_defaults_without_gcm(monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 
 from tests.netutil import LocalService
 from x2go_sftp import X2GoRevFwTunnel, X2GoRevFwTunnelToSFTP, log, rforward
-from x2go_sftp.testing import sftp_client
+from x2go_sftp.testing import ClientTransport, sftp_client
 
 
 def test_full_sftp_session(sftp: paramiko.SFTPClient, export_dir: str):
@@ -173,7 +173,7 @@ def test_channel_without_auth_key_is_closed(make_tunnel, export_dir, session_key
 
 
 def _transport_to(tunnel: X2GoRevFwTunnelToSFTP) -> paramiko.Transport:
-    transport = paramiko.Transport(socket.create_connection(("127.0.0.1", tunnel.server_port)))
+    transport = ClientTransport(socket.create_connection(("127.0.0.1", tunnel.server_port)))
     transport.start_client()
     return transport
 
@@ -202,7 +202,7 @@ def test_auth_accepts_only_the_session_key_for_the_local_user(
 def test_rsa_sha2_signatures(make_tunnel, export_dir, session_key, local_user, sig):
     tunnel = make_tunnel([export_dir])
     others = {"ssh-rsa", "rsa-sha2-256", "rsa-sha2-512"} - {sig}
-    transport = paramiko.Transport(
+    transport = ClientTransport(
         socket.create_connection(("127.0.0.1", tunnel.server_port)),
         disabled_algorithms={"pubkeys": sorted(others)},
     )

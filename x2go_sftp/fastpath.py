@@ -23,7 +23,8 @@ inner transport's packets itself:
   rekey counters) is paramiko's own, read and written in place under
   paramiko's write lock, so both paths always agree.
 * Only the ciphers OpenSSH's clients negotiate with paramiko are handled,
-  by name in each direction: AES-GCM (:data:`FAST_CIPHERS`, paramiko >= 3.5),
+  by name in each direction: AES-GCM (:data:`FAST_CIPHERS`: paramiko's own
+  from 3.3, :func:`paramiko_compat.backport_gcm` before),
   and AES-CTR (:data:`FAST_CTR_CIPHERS`) with HMAC-SHA2, plain or
   encrypt-then-MAC (:data:`FAST_MACS`), which is what paramiko 2.12
   (Debian 12, Ubuntu 24.04) negotiates; with any other cipher or MAC,
@@ -229,7 +230,7 @@ def lean_mode(transport: Any, cipher: str, mac: str) -> str:
     on ``transport``'s paramiko.
     """
     if cipher in FAST_CIPHERS:
-        return paramiko_compat.LEAN_GCM if paramiko_compat.may(transport, paramiko_compat.FAST_PATH) else ""
+        return paramiko_compat.LEAN_GCM if paramiko_compat.may_lean_gcm(transport) else ""
     if cipher in FAST_CTR_CIPHERS and mac in FAST_MACS and paramiko_compat.may(transport,
                                                                              paramiko_compat.FAST_PATH_CTR):
         return paramiko_compat.LEAN_CTR_ETM if mac.endswith("-etm@openssh.com") else paramiko_compat.LEAN_CTR

@@ -63,7 +63,7 @@ class TunedSFTPEngine(SFTPEngine):
                       loglevel=log.loglevel_DEBUG)
 
 
-class InnerTransport(paramiko_compat.ExtInfoMarkerLast, paramiko.Transport):
+class InnerTransport(paramiko_compat.ExtInfoMarkerLast, paramiko_compat.GcmBackport, paramiko.Transport):
     """Server ``Transport`` with the fixes our clients need and the bounds a hostile peer meets.
 
     On every paramiko release 2.12 .. 5.x, each through :mod:`paramiko_compat`
@@ -76,7 +76,10 @@ class InnerTransport(paramiko_compat.ExtInfoMarkerLast, paramiko.Transport):
       ``CHANNEL_EXTENDED_DATA`` is dropped unread, ``CHANNEL_DATA`` only
       reaches a running SFTP session (whose pipe the window bounds), and a
       ``CHANNEL_DATA`` string longer than its packet ends the connection;
-    * the client's ``ext-info-c`` marker counts wherever it sits in its list.
+    * the client's ``ext-info-c`` marker counts wherever it sits in its list;
+    * it speaks AES-GCM where paramiko has none (before 3.3: Debian 12's
+      2.12), so OpenSSH's clients agree on it as with newer paramiko
+      (:func:`paramiko_compat.backport_gcm`).
     """
 
     def __init__(self, sock: Any, *args: Any, **kwargs: Any):
@@ -86,6 +89,7 @@ class InnerTransport(paramiko_compat.ExtInfoMarkerLast, paramiko.Transport):
         self._told_discard = False
         if not fastpath.install(self):
             paramiko_compat.bound_packetizer(self)
+        paramiko_compat.backport_gcm(self)
         self._paramiko_feed = paramiko_compat.paramiko_channel_handler(MSG_CHANNEL_DATA)
         paramiko_compat.override_channel_handlers(self, {
             MSG_CHANNEL_DATA: self._on_channel_data,

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import hmac
 import itertools
+import os
 import struct
 import threading
 import time
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import paramiko
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from paramiko.buffered_pipe import BufferedPipe
 from paramiko.common import MSG_CHANNEL_CLOSE, cMSG_CHANNEL_DATA
 from paramiko.packet import NeedRekeyException, Packetizer
@@ -70,6 +73,8 @@ class Trick:
             tested on.
         applies_from: releases before this lack the feature the trick serves
             (e.g. AES-GCM): there it is off without a log line.
+        native_from: releases from this one on do themselves what the trick
+            adds (e.g. AES-GCM): there it is off without a log line.
         transport: attributes of the ``Transport`` instance.
         packetizer: fields of its ``Packetizer`` (unmangled) and methods.
         channel: attributes of a ``Channel`` instance.
@@ -79,6 +84,7 @@ class Trick:
     name: str
     checked_on: tuple[tuple[int, int], ...]
     applies_from: tuple[int, int] = (0, 0)
+    native_from: tuple[int, int] | None = None
     transport: tuple[str, ...] = ()
     packetizer: tuple[str, ...] = ()
     channel: tuple[str, ...] = ()
@@ -153,9 +159,21 @@ KEX_EXT_INFO = Trick(
     checked_on=((2, 12), (3, 5), (5, 1)),
     transport=("_really_parse_kex_init",),
 )
+GCM_BACKPORT = Trick(
+    "AES-GCM where paramiko has none",
+    checked_on=((2, 12),),
+    native_from=(3, 3),  # paramiko's own AES-GCM
+    transport=("_get_cipher", "_cipher_info", "_activate_inbound", "_activate_outbound", "_compute_key"),
+    packetizer=("set_inbound_cipher", "set_outbound_cipher", "read_all", "write_all", "_trigger_rekey",
+                "block_engine_in", "block_engine_out", "sequence_number_in", "sequence_number_out",
+                "write_lock", "received_bytes", "received_packets", "received_bytes_overflow",
+                "received_packets_overflow", "sent_bytes", "sent_packets", "need_rekey",
+                "compress_engine_in", "compress_engine_out", "REKEY_BYTES", "REKEY_PACKETS",
+                "REKEY_BYTES_OVERFLOW_MAX", "REKEY_PACKETS_OVERFLOW_MAX"),
+)
 
 TRICKS: tuple[Trick, ...] = (BOUNDED_PACKETIZER, CHANNEL_GUARD, CHUNK_PIPE, FAST_PATH, FAST_PATH_CTR,
-                             CHANNEL_SEND, KEX_CLOSE, KEX_EXT_INFO)
+                             CHANNEL_SEND, KEX_CLOSE, KEX_EXT_INFO, GCM_BACKPORT)
 """Every trick, with the releases it was checked on (``checked_on``)."""
 
 CHECKED_RELEASES: tuple[tuple[int, int], ...] = tuple(sorted({r for t in TRICKS for r in t.checked_on}))
@@ -234,6 +252,9 @@ def probe(transport: Any, logger: log.LoggerLike | None = None) -> Probe:
         return cached
     result = Probe(PARAMIKO_RELEASE)
     for trick in TRICKS:
+        if trick.native_from is not None and result.release >= trick.native_from:
+            result.allowed[trick.name] = False  # this release does it itself: quietly off
+            continue
         if result.release < trick.applies_from and trick.applies_from > (0, 0) and result.release != (0, 0):
             result.allowed[trick.name] = False  # this release lacks what the trick serves: quietly off
             continue
@@ -401,6 +422,105 @@ class BoundedPacketizer(Packetizer):
                 raise TimeoutError()
 
 
+    # -- AES-GCM for paramiko releases without it (GCM_BACKPORT; see backport_gcm) --------
+    # Set by set_*_cipher when the transport hands over GcmKeys; the cipher state lives in
+    # the fields paramiko >= 3.3 names the same (aead_*, iv_*), so the fast path reads it
+    # as on those releases.
+    _gcm_in = False
+    _gcm_out = False
+
+    def set_outbound_cipher(self, block_engine: Any, *args: Any, **kwargs: Any) -> None:
+        d = self.__dict__
+        if isinstance(block_engine, GcmKeys):
+            super().set_outbound_cipher(block_engine.aead, _AES_BLOCK, None, _GCM_TAG, None, True)
+            d[_PK + "aead_out"], d[_PK + "iv_out"] = True, block_engine.iv
+            self._gcm_out = True
+            return
+        super().set_outbound_cipher(block_engine, *args, **kwargs)
+        if self._gcm_out:
+            d[_PK + "aead_out"], d[_PK + "iv_out"] = False, None
+            self._gcm_out = False
+
+    def set_inbound_cipher(self, block_engine: Any, *args: Any, **kwargs: Any) -> None:
+        d = self.__dict__
+        if isinstance(block_engine, GcmKeys):
+            super().set_inbound_cipher(block_engine.aead, _AES_BLOCK, None, _GCM_TAG, None)
+            d[_PK + "aead_in"], d[_PK + "iv_in"] = True, block_engine.iv
+            self._gcm_in = True
+            return
+        super().set_inbound_cipher(block_engine, *args, **kwargs)
+        if self._gcm_in:
+            d[_PK + "aead_in"], d[_PK + "iv_in"] = False, None
+            self._gcm_in = False
+
+    def send_message(self, data: Any) -> None:
+        if not self._gcm_out:
+            super().send_message(data)
+            return
+        # What paramiko >= 3.3 does for AES-GCM (RFC 5647 7.2), with 2.12's rekey accounting.
+        d = self.__dict__
+        payload = data.asbytes() if isinstance(data, paramiko.Message) else bytes(data)
+        with d[_PK + "write_lock"]:
+            compress = d[_PK + "compress_engine_out"]
+            if compress is not None:
+                payload = compress(payload)
+            padding = 3 + _AES_BLOCK - ((len(payload) + 4) % _AES_BLOCK)  # the length is not encrypted
+            seq = d[_PK + "sequence_number_out"]
+            out = _gcm_seal(d, bytes((padding,)) + payload + bytes(padding), seq)
+            d[_PK + "sequence_number_out"] = (seq + 1) & 0xFFFFFFFF
+            self.write_all(out)
+            sent = d[_PK + "sent_bytes"] = d[_PK + "sent_bytes"] + len(out)
+            packets = d[_PK + "sent_packets"] = d[_PK + "sent_packets"] + 1
+            if (packets >= self.REKEY_PACKETS or sent >= self.REKEY_BYTES) and not d[_PK + "need_rekey"]:
+                d[_PK + "received_bytes_overflow"] = d[_PK + "received_packets_overflow"] = 0
+                self._trigger_rekey()  # type: ignore[attr-defined]
+
+    def read_message(self) -> tuple[int, paramiko.Message]:
+        if not self._gcm_in:
+            return super().read_message()  # type: ignore[no-any-return]
+        d = self.__dict__
+        header = self.read_all(_AES_BLOCK, check_rekey=True)
+        (size,) = _U32.unpack_from(header)
+        if size < _AES_BLOCK or size % _AES_BLOCK:
+            raise paramiko.SSHException("Invalid packet blocking")
+        # read_all checks the declared size against PACKET_MAX_SIZE before reading the body.
+        body = header[4:] + self.read_all(size - _AES_BLOCK + 4 + _GCM_TAG)
+        iv = d[_PK + "iv_in"]
+        try:
+            plain = d[_PK + "block_engine_in"].decrypt(iv, body, header[:4])
+        except InvalidTag:
+            raise paramiko.SSHException("Mismatched MAC") from None
+        d[_PK + "iv_in"] = _next_iv(iv)
+        padding = plain[0]
+        if padding < 4 or padding + 2 > size:
+            raise paramiko.SSHException("bad padding")
+        payload = plain[1:size - padding]
+        compress = d[_PK + "compress_engine_in"]
+        if compress is not None:
+            payload = compress(payload)
+        seq = d[_PK + "sequence_number_in"]
+        msg = paramiko.Message(payload[1:])
+        msg.seqno = seq  # type: ignore[attr-defined]
+        d[_PK + "sequence_number_in"] = (seq + 1) & 0xFFFFFFFF
+        self._count_received(size + _GCM_TAG + 4)
+        return payload[0], msg
+
+    def _count_received(self, raw: int) -> None:
+        """paramiko 2.12's rekey accounting for one packet read (``raw`` bytes on the wire)."""
+        d = self.__dict__
+        got = d[_PK + "received_bytes"] = d[_PK + "received_bytes"] + raw
+        packets = d[_PK + "received_packets"] = d[_PK + "received_packets"] + 1
+        if d[_PK + "need_rekey"]:
+            # asked to rekey: the peer gets some packets to comply before the connection is dropped
+            over = d[_PK + "received_bytes_overflow"] = d[_PK + "received_bytes_overflow"] + raw
+            over_packets = d[_PK + "received_packets_overflow"] = d[_PK + "received_packets_overflow"] + 1
+            if over_packets >= self.REKEY_PACKETS_OVERFLOW_MAX or over >= self.REKEY_BYTES_OVERFLOW_MAX:
+                raise paramiko.SSHException("Remote transport is ignoring rekey requests")
+        elif packets >= self.REKEY_PACKETS or got >= self.REKEY_BYTES:
+            d[_PK + "received_bytes_overflow"] = d[_PK + "received_packets_overflow"] = 0
+            self._trigger_rekey()  # type: ignore[attr-defined]
+
+
 def bound_packetizer(transport: Any, cls: type[BoundedPacketizer] = BoundedPacketizer) -> bool:
     """Make ``transport``'s packetizer a ``cls`` (a :class:`BoundedPacketizer`), before the transport starts.
 
@@ -477,9 +597,94 @@ def swap_in_buffer(chan: Any, new: Any) -> bool:
 # -- ciphers ---------------------------------------------------------------------------
 
 
-def supported_ciphers() -> tuple[str, ...]:
-    """The ciphers this paramiko implements (``Transport._cipher_info``)."""
-    return tuple(getattr(paramiko.Transport, "_cipher_info", {}) or ())
+def supported_ciphers(transport: Any = None) -> tuple[str, ...]:
+    """The ciphers this paramiko implements (``Transport._cipher_info``), or ``transport`` can use.
+
+    A transport given :func:`backport_gcm` can use AES-GCM on every release.
+    """
+    return tuple(getattr(transport if transport is not None else paramiko.Transport, "_cipher_info", {}) or ())
+
+
+# -- AES-GCM for paramiko without it (2.12: Debian 12, Ubuntu 24.04) --------------------------
+
+_AES_BLOCK = 16
+_GCM_TAG = 16
+_GCM_NONCE = 12  # RFC 5647 7.1: a 4-byte fixed field and a 64-bit invocation counter
+_GCM_ATTR = "x2go_sftp_gcm_backport"  # ours: marks a transport given backport_gcm
+GCM_BACKPORT_ENV = "X2GO_SFTP_GCM_BACKPORT"
+_OPT_OUT = frozenset({"0", "no", "off", "false"})
+# OpenSSH's names (RFC 5647 as OpenSSH frames it), with the fields paramiko >= 3.3 gives them.
+_GCM_INFO: dict[str, dict[str, Any]] = {
+    name: {"class": AESGCM, "mode": None, "block-size": _AES_BLOCK, "key-size": size,
+           "iv-size": _GCM_NONCE, "is_aead": True}
+    for name, size in (("aes128-gcm@openssh.com", 16), ("aes256-gcm@openssh.com", 32))
+}
+
+
+class GcmKeys:
+    """What :class:`GcmBackport` hands the packetizer for one direction instead of a cipher context."""
+
+    __slots__ = ("aead", "iv")
+
+    def __init__(self, key: bytes, iv: bytes) -> None:
+        self.aead = AESGCM(key)
+        self.iv = bytes(iv[:_GCM_NONCE])  # paramiko derived a block's worth; the nonce is its first 12 bytes
+
+
+class GcmBackport:
+    """Mixin for a ``Transport``: AES-GCM on paramiko releases that lack it, once :func:`backport_gcm` ran.
+
+    paramiko builds each direction's cipher in ``_get_cipher`` and hands it
+    to the packetizer in ``_activate_inbound``/``_activate_outbound``; here
+    ``_get_cipher`` returns :class:`GcmKeys` for an AES-GCM name, and the
+    packetizer (a :class:`BoundedPacketizer`) frames packets as RFC 5647 and
+    OpenSSH do.  Key derivation, key exchange and everything else stay paramiko's.
+    """
+
+    def _get_cipher(self, name: str, key: bytes, iv: bytes, operation: Any) -> Any:
+        if name in _GCM_INFO and self.__dict__.get(_GCM_ATTR):
+            return GcmKeys(key, iv)
+        return super()._get_cipher(name, key, iv, operation)  # type: ignore[misc]
+
+
+def backport_gcm(transport: Any) -> bool:
+    """Let ``transport`` (a :class:`GcmBackport` with a bounded packetizer) use AES-GCM, before it starts.
+
+    Only where paramiko has no AES-GCM of its own (before 3.3) and the probe
+    allows :data:`GCM_BACKPORT`.  The ciphers become known to this transport
+    only (its own ``_cipher_info``); what it offers is still set by the caller
+    (``get_security_options().ciphers``).
+
+    ``X2GO_SFTP_GCM_BACKPORT=0`` (or ``no``/``off``/``false``) opts out: the
+    inner server then offers paramiko's own ciphers.
+
+    Returns:
+        True if the transport can now negotiate ``aes128-gcm@openssh.com`` and
+        ``aes256-gcm@openssh.com``.
+    """
+    if os.environ.get(GCM_BACKPORT_ENV, "").strip().lower() in _OPT_OUT:
+        return False
+    if (not isinstance(transport, GcmBackport) or not isinstance(packetizer_of(transport), BoundedPacketizer)
+            or not may(transport, GCM_BACKPORT)):
+        return False
+    transport._cipher_info = {**transport._cipher_info, **_GCM_INFO}  # type: ignore[attr-defined]
+    transport.__dict__[_GCM_ATTR] = True
+    return True
+
+
+def gcm_backported(transport: Any) -> bool:
+    """True if :func:`backport_gcm` gave ``transport`` AES-GCM."""
+    return bool(getattr(transport, "__dict__", {}).get(_GCM_ATTR))
+
+
+def may_lean_gcm(transport: Any) -> bool:
+    """May the fast path frame AES-GCM on ``transport``?
+
+    Where paramiko has AES-GCM, :data:`FAST_PATH` decides.  With the backport
+    the fields it reads are ours, and the rest are those :data:`FAST_PATH_CTR`
+    probes for.
+    """
+    return may(transport, FAST_PATH) or (gcm_backported(transport) and may(transport, FAST_PATH_CTR))
 
 
 def negotiated_ciphers(transport: Any) -> tuple[str, str]:
@@ -992,15 +1197,14 @@ def cancel_handshake_timer(transport: Any) -> None:
 # (read at each call, so set it before the first tunnel); undo with
 # :func:`restore_asbytes`.  Checked on: 2.12 (applied), 3.5 and 5.1 (nothing to do).
 
-import os  # noqa: E402  (this section's own imports, kept beside it)
-import sys  # noqa: E402
+import sys  # noqa: E402  (this section's own import, kept beside it)
 
 # (Callable and log: imported at the top)
 
 ASBYTES_FIX_ENV = "X2GO_SFTP_ASBYTES_FIX"
 """Environment variable: ``0``, ``no``, ``off`` or ``false`` keeps paramiko's own ``asbytes``."""
 
-_ASBYTES_FIX_OFF = frozenset({"0", "no", "off", "false"})
+_ASBYTES_FIX_OFF = _OPT_OUT
 _ASBYTES_LOG_TAG = "paramiko-compat"
 _asbytes_lock = threading.Lock()
 # paramiko's own function while the fix is applied, else None.

@@ -23,7 +23,7 @@ from paramiko.common import (
     OPEN_SUCCEEDED,
 )
 
-from . import log
+from . import log, paramiko_compat, tuning
 from .rforward import relay
 
 # Every thread of the stand-in server (it stands for another machine's sshd)
@@ -211,13 +211,44 @@ class LoopbackX2GoServer:
         self.close()
 
 
+class ClientTransport(paramiko_compat.GcmBackport, paramiko.Transport):
+    """paramiko's client ``Transport`` that offers AES-GCM on every release, as OpenSSH's clients do.
+
+    The inner server offers only AES-GCM (:data:`tuning.PREFERRED_CIPHERS`);
+    paramiko before 3.3 has none, so there this client gets the inner
+    server's backport (:func:`paramiko_compat.backport_gcm`), offered after
+    paramiko's own ciphers.
+    """
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        paramiko_compat.bound_packetizer(self)
+        if paramiko_compat.backport_gcm(self):
+            options = self.get_security_options()
+            offered = tuple(options.ciphers)
+            options.ciphers = offered + tuple(c for c in tuning.PREFERRED_CIPHERS if c not in offered)
+
+
+def inner_speaks_gcm() -> bool:
+    """True if an inner transport on this paramiko can agree on AES-GCM (paramiko's own, or the backport)."""
+    from .inner import InnerTransport  # inner imports the engine; testing stays light to import
+
+    a, b = socket.socketpair()
+    transport = InnerTransport(a)
+    try:
+        return "aes128-gcm@openssh.com" in paramiko_compat.supported_ciphers(transport)
+    finally:
+        transport.close()
+        b.close()
+
+
 def sftp_client(
     port: int, key: paramiko.PKey, username: str, host: str = "127.0.0.1"
 ) -> tuple[paramiko.Transport, paramiko.SFTPClient]:
     """Log into a tunnel's forwarded port with ``key`` and open an SFTP session."""
     sock = socket.create_connection((host, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as OpenSSH's client does
-    transport = paramiko.Transport(sock)
+    transport = ClientTransport(sock)
     try:
         transport.start_client()
         transport.auth_publickey(username, key)

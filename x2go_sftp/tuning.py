@@ -24,8 +24,9 @@ from . import fastpath, log, paramiko_compat
 # order (chacha20-poly1305, aes*-ctr, then aes*-gcm), so to get GCM we must offer
 # only GCM: it costs about a seventh of aes128-ctr + hmac-sha2-256 per byte
 # (one AES-NI pass with GHASH instead of AES plus a separate SHA-256 pass).
-# Every OpenSSH since 6.2 (2013) has it.  paramiko < 3.3 has no GCM: there we
-# leave paramiko's default list alone.
+# Every OpenSSH since 6.2 (2013) has it.  paramiko < 3.3 has no GCM of its own:
+# the inner transport gets ours (paramiko_compat.backport_gcm, checked on 2.12);
+# where neither is there, paramiko's default list stays.
 PREFERRED_CIPHERS: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 # Receive window of the inner transport's channels: what one session may have
@@ -126,7 +127,7 @@ def prefer_fast_ciphers(transport: paramiko.Transport) -> tuple[str, ...]:
         the cipher list now offered (paramiko's default when it lacks them all).
     """
     options = transport.get_security_options()
-    supported = paramiko_compat.supported_ciphers()
+    supported = paramiko_compat.supported_ciphers(transport)
     wanted = tuple(c for c in PREFERRED_CIPHERS if c in supported)
     if wanted:
         options.ciphers = wanted
