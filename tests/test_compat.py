@@ -142,8 +142,8 @@ def test_every_trick_was_checked_on_this_release_range() -> None:
     assert paramiko_compat.CHECKED_RELEASES == ((2, 12), (3, 5), (5, 1))
     for trick in paramiko_compat.TRICKS:
         assert trick.checked_on and all(r in paramiko_compat.CHECKED_RELEASES for r in trick.checked_on)
-        applies = trick.applies_from <= paramiko_compat.PARAMIKO_RELEASE
-        assert trick.known(paramiko_compat.PARAMIKO_RELEASE) or not applies, trick
+        release = paramiko_compat.PARAMIKO_RELEASE
+        assert trick.known(release) or not trick.applies(release), trick
     assert not paramiko_compat.FAST_PATH.known((6, 0)) and paramiko_compat.FAST_PATH.known((5, 9))
     assert not paramiko_compat.BOUNDED_PACKETIZER.known((2, 11))
 
@@ -189,7 +189,7 @@ def test_known_release_turns_every_trick_on(make_tunnel: Callable[..., X2GoRevFw
     probe = paramiko_compat.probe(transport)
     assert probe is transport.compat  # probed once, cached on the transport
     for trick in paramiko_compat.TRICKS:
-        assert probe.may(trick) == (trick.applies_from <= paramiko_compat.PARAMIKO_RELEASE), trick.name
+        assert probe.may(trick) == trick.applies(paramiko_compat.PARAMIKO_RELEASE), trick.name
     # the fast path frames AES-GCM (>= 3.5) and AES-CTR + HMAC-SHA2 (every release)
     assert type(transport.packetizer) is fastpath.LeanPacketizer
     # ... and writes through the ordered send, not the forwarded channel's own (see test_hostile_peers)
@@ -220,7 +220,7 @@ def test_an_unknown_release_turns_every_trick_off_and_the_session_works(
         assert "not checked on this release" in line
         for trick in paramiko_compat.TRICKS:
             # a trick that adds what 6.0 would have itself is off without a word
-            assert (trick.name in line) == (trick.native_from is None), trick.name
+            assert (trick.name in line) == trick.applies((6, 0)), trick.name
 
 
 def test_a_missing_name_turns_its_trick_off_and_the_session_works(

@@ -63,7 +63,7 @@ class TunedSFTPEngine(SFTPEngine):
                       loglevel=log.loglevel_DEBUG)
 
 
-class InnerTransport(paramiko_compat.ExtInfoMarkerLast, paramiko_compat.GcmBackport, paramiko.Transport):
+class InnerTransport(paramiko_compat.ExtInfoMarkerLast, paramiko.Transport):
     """Server ``Transport`` with the fixes our clients need and the bounds a hostile peer meets.
 
     On every paramiko release 2.12 .. 5.x, each through :mod:`paramiko_compat`

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hmac
 import itertools
 import os
@@ -89,6 +90,12 @@ class Trick:
     packetizer: tuple[str, ...] = ()
     channel: tuple[str, ...] = ()
     pipe: tuple[str, ...] = ()
+
+    def applies(self, release: tuple[int, int]) -> bool:
+        """False where ``release`` lacks what the trick serves, or does it itself: there it is off quietly."""
+        if release == (0, 0):  # unknown: the known() check speaks
+            return True
+        return self.applies_from <= release and (self.native_from is None or release < self.native_from)
 
     def known(self, release: tuple[int, int]) -> bool:
         """True if ``release`` lies in this trick's checked range."""
@@ -252,11 +259,8 @@ def probe(transport: Any, logger: log.LoggerLike | None = None) -> Probe:
         return cached
     result = Probe(PARAMIKO_RELEASE)
     for trick in TRICKS:
-        if trick.native_from is not None and result.release >= trick.native_from:
-            result.allowed[trick.name] = False  # this release does it itself: quietly off
-            continue
-        if result.release < trick.applies_from and trick.applies_from > (0, 0) and result.release != (0, 0):
-            result.allowed[trick.name] = False  # this release lacks what the trick serves: quietly off
+        if not trick.applies(result.release):
+            result.allowed[trick.name] = False  # nothing to serve on this release: quietly off
             continue
         if not trick.known(result.release):
             checked = ", ".join(f"{a}.{b}" for a, b in trick.checked_on)
@@ -317,7 +321,112 @@ class BadIdentification(paramiko.SSHException):
     """The peer's identification broke :data:`IDENT_MAX_LEN` or :data:`IDENT_MAX_LINES_BEFORE`."""
 
 
-class BoundedPacketizer(Packetizer):
+class GcmPacketizer(Packetizer):
+    """paramiko's ``Packetizer`` that also frames AES-GCM (RFC 5647), for releases without it.
+
+    Nothing differs until the transport hands ``set_*_cipher`` a :class:`GcmKeys`
+    (see :func:`backport_gcm`).  The cipher state then lives in the fields
+    paramiko >= 3.3 names the same (``aead_*``, ``iv_*``), so the fast path
+    reads it as on those releases; sequence numbers and rekey counters stay
+    paramiko's, counted as 2.12 counts them.
+    """
+
+    _gcm_in = False
+    _gcm_out = False
+
+    def set_outbound_cipher(self, block_engine: Any, *args: Any, **kwargs: Any) -> None:
+        d = self.__dict__
+        if isinstance(block_engine, GcmKeys):
+            super().set_outbound_cipher(block_engine.aead, _AES_BLOCK, None, _GCM_TAG, None, True)  # type: ignore[arg-type]
+            d[_PK + "aead_out"], d[_PK + "iv_out"] = True, block_engine.iv
+            self._gcm_out = True
+            return
+        super().set_outbound_cipher(block_engine, *args, **kwargs)
+        if self._gcm_out:
+            d[_PK + "aead_out"], d[_PK + "iv_out"] = False, None
+            self._gcm_out = False
+
+    def set_inbound_cipher(self, block_engine: Any, *args: Any, **kwargs: Any) -> None:
+        d = self.__dict__
+        if isinstance(block_engine, GcmKeys):
+            super().set_inbound_cipher(block_engine.aead, _AES_BLOCK, None, _GCM_TAG, None)  # type: ignore[arg-type]
+            d[_PK + "aead_in"], d[_PK + "iv_in"] = True, block_engine.iv
+            self._gcm_in = True
+            return
+        super().set_inbound_cipher(block_engine, *args, **kwargs)
+        if self._gcm_in:
+            d[_PK + "aead_in"], d[_PK + "iv_in"] = False, None
+            self._gcm_in = False
+
+    def send_message(self, data: Any) -> None:
+        if not self._gcm_out:
+            super().send_message(data)
+            return
+        # What paramiko >= 3.3 does for AES-GCM (RFC 5647 7.2), with 2.12's rekey accounting.
+        d = self.__dict__
+        payload = data.asbytes() if isinstance(data, paramiko.Message) else bytes(data)
+        with d[_PK + "write_lock"]:
+            compress = d[_PK + "compress_engine_out"]
+            if compress is not None:
+                payload = compress(payload)
+            padding = 3 + _AES_BLOCK - ((len(payload) + 4) % _AES_BLOCK)  # the length is not encrypted
+            seq = d[_PK + "sequence_number_out"]
+            out = _gcm_seal(d, bytes((padding,)) + payload + bytes(padding), seq)
+            d[_PK + "sequence_number_out"] = (seq + 1) & 0xFFFFFFFF
+            self.write_all(out)
+            sent = d[_PK + "sent_bytes"] = d[_PK + "sent_bytes"] + len(out)
+            packets = d[_PK + "sent_packets"] = d[_PK + "sent_packets"] + 1
+            if (packets >= self.REKEY_PACKETS or sent >= self.REKEY_BYTES) and not d[_PK + "need_rekey"]:
+                d[_PK + "received_bytes_overflow"] = d[_PK + "received_packets_overflow"] = 0
+                self._trigger_rekey()  # type: ignore[attr-defined]
+
+    def read_message(self) -> tuple[int, paramiko.Message]:
+        if not self._gcm_in:
+            return super().read_message()
+        d = self.__dict__
+        header = self.read_all(_AES_BLOCK, check_rekey=True)
+        (size,) = _U32.unpack_from(header)
+        if size < _AES_BLOCK or size % _AES_BLOCK:
+            raise paramiko.SSHException("Invalid packet blocking")
+        # read_all checks the declared size against PACKET_MAX_SIZE before reading the body.
+        body = header[4:] + self.read_all(size - _AES_BLOCK + 4 + _GCM_TAG)
+        iv = d[_PK + "iv_in"]
+        try:
+            plain = d[_PK + "block_engine_in"].decrypt(iv, body, header[:4])
+        except InvalidTag:
+            raise paramiko.SSHException("Mismatched MAC") from None
+        d[_PK + "iv_in"] = _next_iv(iv)
+        padding = plain[0]
+        if padding < 4 or padding + 2 > size:
+            raise paramiko.SSHException("bad padding")
+        payload = plain[1:size - padding]
+        compress = d[_PK + "compress_engine_in"]
+        if compress is not None:
+            payload = compress(payload)
+        seq = d[_PK + "sequence_number_in"]
+        msg = paramiko.Message(payload[1:])
+        msg.seqno = seq
+        d[_PK + "sequence_number_in"] = (seq + 1) & 0xFFFFFFFF
+        self._count_received(size + _GCM_TAG + 4)
+        return payload[0], msg
+
+    def _count_received(self, raw: int) -> None:
+        """paramiko 2.12's rekey accounting for one packet read (``raw`` bytes on the wire)."""
+        d = self.__dict__
+        got = d[_PK + "received_bytes"] = d[_PK + "received_bytes"] + raw
+        packets = d[_PK + "received_packets"] = d[_PK + "received_packets"] + 1
+        if d[_PK + "need_rekey"]:
+            # asked to rekey: the peer gets some packets to comply before the connection is dropped
+            over = d[_PK + "received_bytes_overflow"] = d[_PK + "received_bytes_overflow"] + raw
+            over_packets = d[_PK + "received_packets_overflow"] = d[_PK + "received_packets_overflow"] + 1
+            if over_packets >= self.REKEY_PACKETS_OVERFLOW_MAX or over >= self.REKEY_BYTES_OVERFLOW_MAX:
+                raise paramiko.SSHException("Remote transport is ignoring rekey requests")
+        elif packets >= self.REKEY_PACKETS or got >= self.REKEY_BYTES:
+            d[_PK + "received_bytes_overflow"] = d[_PK + "received_packets_overflow"] = 0
+            self._trigger_rekey()  # type: ignore[attr-defined]
+
+
+class BoundedPacketizer(GcmPacketizer):
     """paramiko's ``Packetizer`` that reads at most what OpenSSH would, and in linear time.
 
     Made by changing the class of the packetizer paramiko built (see
@@ -422,105 +531,6 @@ class BoundedPacketizer(Packetizer):
                 raise TimeoutError()
 
 
-    # -- AES-GCM for paramiko releases without it (GCM_BACKPORT; see backport_gcm) --------
-    # Set by set_*_cipher when the transport hands over GcmKeys; the cipher state lives in
-    # the fields paramiko >= 3.3 names the same (aead_*, iv_*), so the fast path reads it
-    # as on those releases.
-    _gcm_in = False
-    _gcm_out = False
-
-    def set_outbound_cipher(self, block_engine: Any, *args: Any, **kwargs: Any) -> None:
-        d = self.__dict__
-        if isinstance(block_engine, GcmKeys):
-            super().set_outbound_cipher(block_engine.aead, _AES_BLOCK, None, _GCM_TAG, None, True)
-            d[_PK + "aead_out"], d[_PK + "iv_out"] = True, block_engine.iv
-            self._gcm_out = True
-            return
-        super().set_outbound_cipher(block_engine, *args, **kwargs)
-        if self._gcm_out:
-            d[_PK + "aead_out"], d[_PK + "iv_out"] = False, None
-            self._gcm_out = False
-
-    def set_inbound_cipher(self, block_engine: Any, *args: Any, **kwargs: Any) -> None:
-        d = self.__dict__
-        if isinstance(block_engine, GcmKeys):
-            super().set_inbound_cipher(block_engine.aead, _AES_BLOCK, None, _GCM_TAG, None)
-            d[_PK + "aead_in"], d[_PK + "iv_in"] = True, block_engine.iv
-            self._gcm_in = True
-            return
-        super().set_inbound_cipher(block_engine, *args, **kwargs)
-        if self._gcm_in:
-            d[_PK + "aead_in"], d[_PK + "iv_in"] = False, None
-            self._gcm_in = False
-
-    def send_message(self, data: Any) -> None:
-        if not self._gcm_out:
-            super().send_message(data)
-            return
-        # What paramiko >= 3.3 does for AES-GCM (RFC 5647 7.2), with 2.12's rekey accounting.
-        d = self.__dict__
-        payload = data.asbytes() if isinstance(data, paramiko.Message) else bytes(data)
-        with d[_PK + "write_lock"]:
-            compress = d[_PK + "compress_engine_out"]
-            if compress is not None:
-                payload = compress(payload)
-            padding = 3 + _AES_BLOCK - ((len(payload) + 4) % _AES_BLOCK)  # the length is not encrypted
-            seq = d[_PK + "sequence_number_out"]
-            out = _gcm_seal(d, bytes((padding,)) + payload + bytes(padding), seq)
-            d[_PK + "sequence_number_out"] = (seq + 1) & 0xFFFFFFFF
-            self.write_all(out)
-            sent = d[_PK + "sent_bytes"] = d[_PK + "sent_bytes"] + len(out)
-            packets = d[_PK + "sent_packets"] = d[_PK + "sent_packets"] + 1
-            if (packets >= self.REKEY_PACKETS or sent >= self.REKEY_BYTES) and not d[_PK + "need_rekey"]:
-                d[_PK + "received_bytes_overflow"] = d[_PK + "received_packets_overflow"] = 0
-                self._trigger_rekey()  # type: ignore[attr-defined]
-
-    def read_message(self) -> tuple[int, paramiko.Message]:
-        if not self._gcm_in:
-            return super().read_message()  # type: ignore[no-any-return]
-        d = self.__dict__
-        header = self.read_all(_AES_BLOCK, check_rekey=True)
-        (size,) = _U32.unpack_from(header)
-        if size < _AES_BLOCK or size % _AES_BLOCK:
-            raise paramiko.SSHException("Invalid packet blocking")
-        # read_all checks the declared size against PACKET_MAX_SIZE before reading the body.
-        body = header[4:] + self.read_all(size - _AES_BLOCK + 4 + _GCM_TAG)
-        iv = d[_PK + "iv_in"]
-        try:
-            plain = d[_PK + "block_engine_in"].decrypt(iv, body, header[:4])
-        except InvalidTag:
-            raise paramiko.SSHException("Mismatched MAC") from None
-        d[_PK + "iv_in"] = _next_iv(iv)
-        padding = plain[0]
-        if padding < 4 or padding + 2 > size:
-            raise paramiko.SSHException("bad padding")
-        payload = plain[1:size - padding]
-        compress = d[_PK + "compress_engine_in"]
-        if compress is not None:
-            payload = compress(payload)
-        seq = d[_PK + "sequence_number_in"]
-        msg = paramiko.Message(payload[1:])
-        msg.seqno = seq  # type: ignore[attr-defined]
-        d[_PK + "sequence_number_in"] = (seq + 1) & 0xFFFFFFFF
-        self._count_received(size + _GCM_TAG + 4)
-        return payload[0], msg
-
-    def _count_received(self, raw: int) -> None:
-        """paramiko 2.12's rekey accounting for one packet read (``raw`` bytes on the wire)."""
-        d = self.__dict__
-        got = d[_PK + "received_bytes"] = d[_PK + "received_bytes"] + raw
-        packets = d[_PK + "received_packets"] = d[_PK + "received_packets"] + 1
-        if d[_PK + "need_rekey"]:
-            # asked to rekey: the peer gets some packets to comply before the connection is dropped
-            over = d[_PK + "received_bytes_overflow"] = d[_PK + "received_bytes_overflow"] + raw
-            over_packets = d[_PK + "received_packets_overflow"] = d[_PK + "received_packets_overflow"] + 1
-            if over_packets >= self.REKEY_PACKETS_OVERFLOW_MAX or over >= self.REKEY_BYTES_OVERFLOW_MAX:
-                raise paramiko.SSHException("Remote transport is ignoring rekey requests")
-        elif packets >= self.REKEY_PACKETS or got >= self.REKEY_BYTES:
-            d[_PK + "received_bytes_overflow"] = d[_PK + "received_packets_overflow"] = 0
-            self._trigger_rekey()  # type: ignore[attr-defined]
-
-
 def bound_packetizer(transport: Any, cls: type[BoundedPacketizer] = BoundedPacketizer) -> bool:
     """Make ``transport``'s packetizer a ``cls`` (a :class:`BoundedPacketizer`), before the transport starts.
 
@@ -622,7 +632,7 @@ _GCM_INFO: dict[str, dict[str, Any]] = {
 
 
 class GcmKeys:
-    """What :class:`GcmBackport` hands the packetizer for one direction instead of a cipher context."""
+    """What a transport given :func:`backport_gcm` hands its packetizer for one direction, instead of a cipher context."""
 
     __slots__ = ("aead", "iv")
 
@@ -631,43 +641,45 @@ class GcmKeys:
         self.iv = bytes(iv[:_GCM_NONCE])  # paramiko derived a block's worth; the nonce is its first 12 bytes
 
 
-class GcmBackport:
-    """Mixin for a ``Transport``: AES-GCM on paramiko releases that lack it, once :func:`backport_gcm` ran.
-
-    paramiko builds each direction's cipher in ``_get_cipher`` and hands it
-    to the packetizer in ``_activate_inbound``/``_activate_outbound``; here
-    ``_get_cipher`` returns :class:`GcmKeys` for an AES-GCM name, and the
-    packetizer (a :class:`BoundedPacketizer`) frames packets as RFC 5647 and
-    OpenSSH do.  Key derivation, key exchange and everything else stay paramiko's.
-    """
-
-    def _get_cipher(self, name: str, key: bytes, iv: bytes, operation: Any) -> Any:
-        if name in _GCM_INFO and self.__dict__.get(_GCM_ATTR):
-            return GcmKeys(key, iv)
-        return super()._get_cipher(name, key, iv, operation)  # type: ignore[misc]
+def _gcm_get_cipher(original: Callable[..., Any], name: str, key: bytes, iv: bytes, operation: Any) -> Any:
+    """``Transport._get_cipher`` of a transport given :func:`backport_gcm`."""
+    if name in _GCM_INFO:
+        return GcmKeys(key, iv)
+    return original(name, key, iv, operation)
 
 
 def backport_gcm(transport: Any) -> bool:
-    """Let ``transport`` (a :class:`GcmBackport` with a bounded packetizer) use AES-GCM, before it starts.
+    """Let ``transport`` use AES-GCM (RFC 5647) where paramiko has none of its own (before 3.3).
 
-    Only where paramiko has no AES-GCM of its own (before 3.3) and the probe
-    allows :data:`GCM_BACKPORT`.  The ciphers become known to this transport
-    only (its own ``_cipher_info``); what it offers is still set by the caller
-    (``get_security_options().ciphers``).
+    paramiko builds each direction's cipher in ``Transport._get_cipher`` and
+    hands it to the packetizer in ``_activate_inbound``/``_activate_outbound``.
+    Here the transport's own ``_get_cipher`` returns :class:`GcmKeys` for an
+    AES-GCM name, and its packetizer (made a :class:`GcmPacketizer` if it is
+    paramiko's own; a :class:`BoundedPacketizer` is one) frames packets as
+    OpenSSH and paramiko >= 3.3 do.  Key exchange, key derivation, rekeying and
+    everything else stay paramiko's.  The ciphers become known to this
+    transport only (its own ``_cipher_info``); what it offers is still the
+    caller's choice (``get_security_options().ciphers``).  Safe on a running
+    transport: nothing changes until the next key exchange agrees on AES-GCM.
 
-    ``X2GO_SFTP_GCM_BACKPORT=0`` (or ``no``/``off``/``false``) opts out: the
-    inner server then offers paramiko's own ciphers.
+    Only where the probe allows :data:`GCM_BACKPORT`.
+    ``X2GO_SFTP_GCM_BACKPORT=0`` (or ``no``/``off``/``false``) opts out.
 
     Returns:
-        True if the transport can now negotiate ``aes128-gcm@openssh.com`` and
-        ``aes256-gcm@openssh.com``.
+        True if the transport can negotiate ``aes128-gcm@openssh.com`` and
+        ``aes256-gcm@openssh.com`` through the backport.
     """
-    if os.environ.get(GCM_BACKPORT_ENV, "").strip().lower() in _OPT_OUT:
+    if gcm_backported(transport):
+        return True
+    if os.environ.get(GCM_BACKPORT_ENV, "").strip().lower() in _OPT_OUT or not may(transport, GCM_BACKPORT):
         return False
-    if (not isinstance(transport, GcmBackport) or not isinstance(packetizer_of(transport), BoundedPacketizer)
-            or not may(transport, GCM_BACKPORT)):
-        return False
-    transport._cipher_info = {**transport._cipher_info, **_GCM_INFO}  # type: ignore[attr-defined]
+    pk = packetizer_of(transport)
+    if type(pk) is Packetizer:
+        pk.__class__ = GcmPacketizer
+    elif not isinstance(pk, GcmPacketizer):
+        return False  # someone else's packetizer: left alone
+    transport._get_cipher = functools.partial(_gcm_get_cipher, transport._get_cipher)
+    transport._cipher_info = {**transport._cipher_info, **_GCM_INFO}
     transport.__dict__[_GCM_ATTR] = True
     return True
 

@@ -163,6 +163,7 @@ class LoopbackX2GoServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as sshd does
             transport = paramiko.Transport(sock)
             transport.name = f"{SERVER_THREAD_PREFIX}transport"
+            offer_gcm(transport)  # as sshd does (it stands for one)
             transport.add_server_key(self.host_key)
             ref: list[paramiko.Transport] = [transport]
             self.transports.append(transport)
@@ -211,22 +212,30 @@ class LoopbackX2GoServer:
         self.close()
 
 
-class ClientTransport(paramiko_compat.GcmBackport, paramiko.Transport):
+def offer_gcm(transport: paramiko.Transport) -> None:
+    """Make ``transport`` offer AES-GCM after its other ciphers, as OpenSSH does.
+
+    On paramiko before 3.3, which has none, with :func:`paramiko_compat.backport_gcm`.
+    """
+    paramiko_compat.backport_gcm(transport)  # nothing to do where paramiko has AES-GCM
+    supported = paramiko_compat.supported_ciphers(transport)
+    options = transport.get_security_options()
+    offered = tuple(options.ciphers)
+    options.ciphers = offered + tuple(c for c in tuning.PREFERRED_CIPHERS if c in supported and c not in offered)
+
+
+class ClientTransport(paramiko.Transport):
     """paramiko's client ``Transport`` that offers AES-GCM on every release, as OpenSSH's clients do.
 
     The inner server offers only AES-GCM (:data:`tuning.PREFERRED_CIPHERS`);
-    paramiko before 3.3 has none, so there this client gets the inner
-    server's backport (:func:`paramiko_compat.backport_gcm`), offered after
-    paramiko's own ciphers.
+    paramiko before 3.3 has none, so there a plain paramiko client cannot
+    reach it.  Its packetizer is bounded as the inner server's.
     """
 
     def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(sock, *args, **kwargs)
         paramiko_compat.bound_packetizer(self)
-        if paramiko_compat.backport_gcm(self):
-            options = self.get_security_options()
-            offered = tuple(options.ciphers)
-            options.ciphers = offered + tuple(c for c in tuning.PREFERRED_CIPHERS if c not in offered)
+        offer_gcm(self)
 
 
 def inner_speaks_gcm() -> bool:

@@ -176,7 +176,10 @@ def rekey_outer_to_gcm(transport: paramiko.Transport, logger: log.LoggerLike | N
         True if a rekey was done and the transport now uses GCM.
     """
     xlog = log.tagged(logger, "tuning")
-    supported = paramiko_compat.supported_ciphers()
+    # paramiko < 3.3 has no AES-GCM: the caller's transport gets ours (nothing changes until
+    # the rekey below agrees on it; X2GO_SFTP_GCM_BACKPORT=0 opts out).
+    paramiko_compat.backport_gcm(transport)
+    supported = paramiko_compat.supported_ciphers(transport)
     gcm = tuple(c for c in PREFERRED_CIPHERS if c in supported)
     if not gcm or not transport.is_active():
         return False
