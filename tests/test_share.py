@@ -37,6 +37,7 @@ import paramiko
 import pytest
 
 from tests.realpeers import RealSSHD, is_mounted, require, running_sshd
+from x2go_sftp import cli, paramiko_compat
 from x2go_sftp.share import KEY_DIR_PREFIX, Share, ShareCancelled, ShareError, share
 from x2go_sftp.testing import ClientTransport
 
@@ -384,6 +385,18 @@ def test_accept_new_adds_the_host_and_an_unknown_host_is_refused(
     assert empty.read_text() == host_key_line(server)
     rc, _, err = cmd.stop()
     assert rc == 0, err
+
+
+def test_the_share_connection_uses_aes_gcm_on_every_paramiko(server: RealSSHD, remote_user: RemoteUser,
+                                                             known_hosts: Path) -> None:
+    """Every byte of every mount crosses it: AES-GCM, paramiko's own from 3.3, ours before."""
+    transport, _ = cli.connect(dest(), server.port, None, [str(remote_user.key_file)], str(known_hosts), False)
+    try:
+        assert transport.local_cipher == transport.remote_cipher == "aes128-gcm@openssh.com"
+        assert paramiko_compat.gcm_backported(transport) == ("aes128-gcm@openssh.com"
+                                                             not in paramiko_compat.supported_ciphers())
+    finally:
+        transport.close()
 
 
 def test_changed_host_key_is_refused_even_with_accept_new(
