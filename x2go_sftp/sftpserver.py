@@ -106,8 +106,9 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
             only the latency of small packets on the connection; pass False
             to leave the socket as the caller made it.
         outer_gcm: opt-in: renegotiate ``ssh_transport`` to prefer AES-GCM
-            (when paramiko and the server have it), the cheapest cipher per
-            byte.  Off by default: it changes the caller's connection.  The
+            (when the server has it; on paramiko < 3.3, which has none, the
+            transport first gets :func:`~x2go_sftp.paramiko_compat.backport_gcm`),
+            the cheapest cipher per byte.  Off by default: it changes the caller's connection.  The
             failure once seen inside real python-x2go (paramiko's issue 822:
             a channel close arriving while the rekey is under way hung
             paramiko's transport thread until the key exchange timed out) is
