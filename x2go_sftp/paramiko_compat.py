@@ -335,28 +335,28 @@ class GcmPacketizer(Packetizer):
     _gcm_out = False
 
     def set_outbound_cipher(self, block_engine: Any, *args: Any, **kwargs: Any) -> None:
-        d = self.__dict__
         if isinstance(block_engine, GcmKeys):
             super().set_outbound_cipher(block_engine.aead, _AES_BLOCK, None, _GCM_TAG, None, True)  # type: ignore[arg-type]
-            d[_PK + "aead_out"], d[_PK + "iv_out"] = True, block_engine.iv
-            self._gcm_out = True
-            return
-        super().set_outbound_cipher(block_engine, *args, **kwargs)
-        if self._gcm_out:
-            d[_PK + "aead_out"], d[_PK + "iv_out"] = False, None
-            self._gcm_out = False
+            self._gcm_way("out", block_engine)
+        else:
+            super().set_outbound_cipher(block_engine, *args, **kwargs)
+            if self._gcm_out:
+                self._gcm_way("out", None)
 
     def set_inbound_cipher(self, block_engine: Any, *args: Any, **kwargs: Any) -> None:
-        d = self.__dict__
         if isinstance(block_engine, GcmKeys):
             super().set_inbound_cipher(block_engine.aead, _AES_BLOCK, None, _GCM_TAG, None)  # type: ignore[arg-type]
-            d[_PK + "aead_in"], d[_PK + "iv_in"] = True, block_engine.iv
-            self._gcm_in = True
-            return
-        super().set_inbound_cipher(block_engine, *args, **kwargs)
-        if self._gcm_in:
-            d[_PK + "aead_in"], d[_PK + "iv_in"] = False, None
-            self._gcm_in = False
+            self._gcm_way("in", block_engine)
+        else:
+            super().set_inbound_cipher(block_engine, *args, **kwargs)
+            if self._gcm_in:
+                self._gcm_way("in", None)
+
+    def _gcm_way(self, way: str, keys: GcmKeys | None) -> None:
+        """AES-GCM on (``keys``) or off for one direction (``"in"``/``"out"``), in paramiko >= 3.3's fields."""
+        d = self.__dict__
+        d[_PK + "aead_" + way], d[_PK + "iv_" + way] = (True, keys.iv) if keys is not None else (False, None)
+        setattr(self, "_gcm_" + way, keys is not None)
 
     def send_message(self, data: Any) -> None:
         if not self._gcm_out:
