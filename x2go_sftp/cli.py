@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import paramiko
 
-from . import __version__, log, paramiko_compat, tuning
+from . import __version__, log, tuning
 from .share import (
     DEFAULT_REMOTE_DIR,
     CounterSnapshot,
@@ -242,12 +242,10 @@ def _prefer_gcm(transport: paramiko.Transport) -> None:
     As the client our order decides.  GCM costs a fraction of paramiko's
     default aes128-ctr + hmac-sha2-256 per byte (see :data:`tuning.PREFERRED_CIPHERS`);
     every byte of every mount crosses this connection.  paramiko < 3.3 has no GCM
-    of its own: this connection gets ours (:func:`paramiko_compat.backport_gcm`).
+    of its own: this connection gets ours (:func:`tuning.gcm_ciphers`).
     """
-    paramiko_compat.backport_gcm(transport)
-    supported = paramiko_compat.supported_ciphers(transport)
     opts = transport.get_security_options()
-    gcm = tuple(c for c in tuning.PREFERRED_CIPHERS if c in supported)
+    gcm = tuning.gcm_ciphers(transport)
     opts.ciphers = gcm + tuple(c for c in opts.ciphers if c not in gcm)
 
 

@@ -217,11 +217,9 @@ def offer_gcm(transport: paramiko.Transport) -> None:
 
     On paramiko before 3.3, which has none, with :func:`paramiko_compat.backport_gcm`.
     """
-    paramiko_compat.backport_gcm(transport)  # nothing to do where paramiko has AES-GCM
-    supported = paramiko_compat.supported_ciphers(transport)
     options = transport.get_security_options()
     offered = tuple(options.ciphers)
-    options.ciphers = offered + tuple(c for c in tuning.PREFERRED_CIPHERS if c in supported and c not in offered)
+    options.ciphers = offered + tuple(c for c in tuning.gcm_ciphers(transport) if c not in offered)
 
 
 class ClientTransport(paramiko.Transport):

@@ -120,15 +120,26 @@ def inner_transport_kwargs() -> dict[str, int]:
     return {"default_window_size": INNER_WINDOW_SIZE, "default_max_packet_size": INNER_MAX_PACKET_SIZE}
 
 
+def gcm_ciphers(transport: paramiko.Transport) -> tuple[str, ...]:
+    """The :data:`PREFERRED_CIPHERS` ``transport`` can agree on, best first.
+
+    paramiko has AES-GCM from 3.3; before, ``transport`` is given
+    :func:`paramiko_compat.backport_gcm` here (idempotent; nothing changes
+    until a key exchange agrees on it; ``X2GO_SFTP_GCM_BACKPORT=0`` opts out).
+    """
+    paramiko_compat.backport_gcm(transport)
+    supported = paramiko_compat.supported_ciphers(transport)
+    return tuple(c for c in PREFERRED_CIPHERS if c in supported)
+
+
 def prefer_fast_ciphers(transport: paramiko.Transport) -> tuple[str, ...]:
-    """Offer only :data:`PREFERRED_CIPHERS` on ``transport`` where this paramiko has them.
+    """Offer only :func:`gcm_ciphers` on ``transport`` where it has them.
 
     Returns:
         the cipher list now offered (paramiko's default when it lacks them all).
     """
     options = transport.get_security_options()
-    supported = paramiko_compat.supported_ciphers(transport)
-    wanted = tuple(c for c in PREFERRED_CIPHERS if c in supported)
+    wanted = gcm_ciphers(transport)
     if wanted:
         options.ciphers = wanted
     return tuple(options.ciphers)
@@ -176,12 +187,10 @@ def rekey_outer_to_gcm(transport: paramiko.Transport, logger: log.LoggerLike | N
         True if a rekey was done and the transport now uses GCM.
     """
     xlog = log.tagged(logger, "tuning")
-    # paramiko < 3.3 has no AES-GCM: the caller's transport gets ours (nothing changes until
-    # the rekey below agrees on it; X2GO_SFTP_GCM_BACKPORT=0 opts out).
-    paramiko_compat.backport_gcm(transport)
-    supported = paramiko_compat.supported_ciphers(transport)
-    gcm = tuple(c for c in PREFERRED_CIPHERS if c in supported)
-    if not gcm or not transport.is_active():
+    if not transport.is_active():
+        return False
+    gcm = gcm_ciphers(transport)  # paramiko < 3.3: the caller's transport gets the backport
+    if not gcm:
         return False
     options = transport.get_security_options()
     options.ciphers = gcm + tuple(c for c in options.ciphers if c not in gcm)
