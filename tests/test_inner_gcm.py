@@ -21,7 +21,7 @@ import pytest
 
 from tests.netutil import CorruptingProxy
 from tests.realpeers import require, run_sftp, write_key_files
-from x2go_sftp import X2GoRevFwTunnelToSFTP, paramiko_compat
+from x2go_sftp import X2GoRevFwTunnelToSFTP, aesgcm, paramiko_compat
 from x2go_sftp.testing import inner_speaks_gcm
 
 pytestmark = pytest.mark.real
@@ -85,6 +85,35 @@ def test_key_re_exchanges_in_the_middle_of_transfers_keep_data_intact(peer, expo
     stderr, newkeys = _put_get(peer, export_dir, tmp_path, 4 << 20, "-o", "RekeyLimit=256K")
     assert _ciphers(stderr) == {"aes128-gcm@openssh.com"}
     assert newkeys >= 16  # the first exchange, then one per 256 KiB of 8 MiB
+
+
+@pytest.mark.skipif(HAS_GCM or aesgcm._binding() is None or aesgcm._release_major() not in aesgcm._CHECKED_MAJORS,
+                    reason="the backport's packets go through the reused context only on cryptography 38-42")
+def test_the_backport_keeps_one_openssl_context_per_direction_and_key(peer, export_dir: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Debian 12's cryptography (38.0.4) AESGCM makes an OpenSSL context per packet; the inner
+    transport makes one per direction and key: across rekeys, thousands of packets, a few contexts."""
+    made, used = [0], [0]
+
+    class Counted(aesgcm._Context):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made[0] += 1
+
+        def encrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+            used[0] += 1
+            return super().encrypt(nonce, data, aad)
+
+        def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+            used[0] += 1
+            return super().decrypt(nonce, data, aad)
+
+    monkeypatch.setattr(aesgcm, "_Context", Counted)
+    _, newkeys = _put_get(peer, export_dir, tmp_path, 4 << 20, "-o", "RekeyLimit=1M")
+    assert newkeys >= 4
+    assert used[0] >= 2 * (4 << 20) // (64 << 10)  # every data packet each way went through a kept context
+    assert 0 < made[0] <= 2 * newkeys  # at most one per direction and key
+
 
 
 def test_a_tampered_packet_before_the_session_ends_that_connection_only(

@@ -34,7 +34,7 @@ from paramiko.common import MSG_CHANNEL_CLOSE, cMSG_CHANNEL_DATA
 from paramiko.packet import NeedRekeyException, Packetizer
 from paramiko.sftp import BaseSFTP
 
-from . import log
+from . import aesgcm, log
 
 # -- which tricks, checked on which releases -------------------------------------------
 #
@@ -637,7 +637,7 @@ class GcmKeys:
     __slots__ = ("aead", "iv")
 
     def __init__(self, key: bytes, iv: bytes) -> None:
-        self.aead = AESGCM(key)
+        self.aead = aesgcm.engine(key)  # cryptography's AESGCM, or one OpenSSL context kept (cryptography < 43)
         self.iv = bytes(iv[:_GCM_NONCE])  # paramiko derived a block's worth; the nonce is its first 12 bytes
 
 

@@ -1,7 +1,8 @@
 """Benchmark: a shared folder through X2Go's real sshfs mount, this library vs OpenSSH.
 
-    python -m tests.bench.bench_mount            # full run, paramiko 2.12.0, 3.5.1, newest (~30 min on 2 cores)
-    python -m tests.bench.bench_mount --short    # CI: small sizes, one round, paramiko 2.12.0 and newest
+    python -m tests.bench.bench_mount            # full run: Debian 12, Ubuntu 24.04, Debian 13, newest (~40 min on 2 cores)
+    python -m tests.bench.bench_mount --short    # CI: small sizes, one round, Debian 12's paramiko and the newest
+    python -m tests.bench.bench_mount --short --paramiko debian12,2.12.0 --variants gevent,openssh  # cryptography's part
     python -m tests.bench.bench_mount --short --paramiko 2.12.0 --asbytes-fix both --variants gevent,openssh
     python -m tests.bench.bench_mount --paramiko current   # only the paramiko of this interpreter, no venv
 
@@ -23,9 +24,12 @@ with X2Go's exact options.  Variants, each in its own process:
 * ``direct``  sshfs straight to the local sshd, no tunnel
 
 Each paramiko release (``--paramiko``, default: the table of supported
-releases, 2.12.0, 3.5.1 and the newest; in ``--short`` mode 2.12.0 and the
-newest) gets its own venv (tests/bench/venvs.py, kept under
-/tmp/x2go-sftp-bench-venvs) and runs every variant that has a paramiko in it;
+releases as the distributions ship them, ``debian12`` (paramiko 2.12.0 with
+cryptography 38.0.4), ``ubuntu24.04`` (2.12.0 with 41.0.7), ``debian13``
+(3.5.1 with 43.0.0) and the newest; in ``--short`` mode ``debian12`` and the
+newest; a bare version gets today's cryptography) gets its own venv
+(tests/bench/venvs.py, kept under /tmp/x2go-sftp-bench-venvs) and runs every
+variant that has a paramiko in it;
 ``openssh`` and ``direct`` run once per round, as the baseline of all.
 ``--asbytes-fix off`` (or ``both``) runs the workers with the opt-out
 ``X2GO_SFTP_ASBYTES_FIX=0`` (x2go_sftp/paramiko_compat.py: paramiko 2.x
@@ -594,7 +598,9 @@ def configs(names: list[str], asbytes_fix: str, refresh: bool) -> list[Config]:
     out = []
     for name in names:
         release = venvs.ensure(name, refresh=refresh)
-        label = f"{release.version}" + (f" ({name})" if name in ("newest", "current") else "")
+        # The paramiko release, and what it runs with: cryptography decides AES-GCM's cost per packet.
+        where = f"{name}, " if name != release.version else ""
+        label = f"{release.version} ({where}cryptography {release.cryptography})"
         if asbytes_fix in ("on", "both"):
             out.append(Config(label, release, {ASBYTES_FIX_ENV: "1"}))
         if asbytes_fix in ("off", "both"):
@@ -604,12 +610,14 @@ def configs(names: list[str], asbytes_fix: str, refresh: bool) -> list[Config]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--short", action="store_true", help="small sizes, one round, paramiko 2.12.0 and newest (CI)")
+    parser.add_argument("--short", action="store_true", help="small sizes, one round, Debian 12's paramiko and the newest (CI)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds over all variants (default 3, short 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--paramiko", default=None, metavar="R1,R2",
-                        help="paramiko releases for the workers, each in its own venv: versions, 'newest', or "
-                             f"'current' (this interpreter's; no venv).  Default {','.join(venvs.SUPPORTED)}, "
+                        help="paramiko releases for the workers, each in its own venv: versions, 'newest', a "
+                             f"distribution ({','.join(venvs.DISTRIBUTIONS)}: its paramiko, cryptography and "
+                             "gevent), 'current' (this interpreter's; no venv) or 'system' (/usr/bin/python3 "
+                             f"with the distribution's packages; no venv).  Default {','.join(venvs.SUPPORTED)}, "
                              f"short {','.join(venvs.SHORT)}")
     parser.add_argument("--asbytes-fix", choices=("on", "off", "both"), default="on",
                         help="run the workers with the paramiko 2.x asbytes fix (default), without it "
@@ -637,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     with_paramiko = [v for v in variants if v not in OPENSSH_ONLY]
     setups = configs(names, args.asbytes_fix, args.refresh_venvs) if with_paramiko else []
     for c in setups:
-        print(f"# {c.label}: paramiko {c.release.version} in {c.release.python}", flush=True)
+        print(f"# {c.label}: paramiko {c.release.version}, cryptography {c.release.cryptography} "
+              f"in {c.release.python}", flush=True)
     baseline: dict[str, list[Result]] = {v: [] for v in plain}
     runs: dict[str, dict[str, list[Result]]] = {c.label: {v: [] for v in with_paramiko} for c in setups}
     with tempfile.TemporaryDirectory(prefix="x2go-bench-") as tmp:

@@ -9,8 +9,15 @@ under :data:`CACHE_DIR` (``X2GO_BENCH_VENVS`` overrides it), one per release and
 Python minor version, so a repeated run starts at once.  ``newest`` is upgraded
 from the package index at most once per :data:`NEWEST_RECHECK_S`.
 
-Release names: a version (``2.12.0``), ``newest`` (what pip picks today), or
-``current`` (no venv: the benchmark's own interpreter and its paramiko).
+Release names: a version (``2.12.0``), ``newest`` (what pip picks today),
+``current`` (no venv: the benchmark's own interpreter and its paramiko),
+``system`` (no venv: ``/usr/bin/python3`` with the distribution's own packages,
+Debian 12's on this machine), or a distribution (:data:`DISTRIBUTIONS`:
+``debian12``, ``ubuntu24.04``, ``debian13``): its paramiko with the
+cryptography and gevent it ships beside it.  cryptography matters: up to 42
+its AES-GCM sets up OpenSSL per packet (x2go_sftp/aesgcm.py), and its AES-CTR
+and HMAC cost more per call, so a paramiko 2.12 venv with today's cryptography
+is not what a Debian 12 user runs.  The interpreter stays the benchmark's.
 """
 
 from __future__ import annotations
@@ -36,29 +43,44 @@ EXTRA_PACKAGES = ("gevent",)
 PIP_TIMEOUT_S = 900
 # Releases in the table of supported paramiko releases (issue 12): Debian 12 / Ubuntu 24.04,
 # Debian 13, and the newest.
-SUPPORTED = ("2.12.0", "3.5.1", "newest")
-SHORT = ("2.12.0", "newest")  # CI's short mode: the oldest supported and the newest
+# What each distribution ships with its python3-paramiko (Debian and Ubuntu package versions).
+DISTRIBUTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "debian12": ("2.12.0", ("cryptography==38.0.4", "gevent==22.10.2")),
+    "ubuntu24.04": ("2.12.0", ("cryptography==41.0.7", "gevent==23.9.1")),
+    "debian13": ("3.5.1", ("cryptography==43.0.0", "gevent==24.11.1")),
+}
+SUPPORTED = ("debian12", "ubuntu24.04", "debian13", "newest")
+SHORT = ("debian12", "newest")  # CI's short mode: the oldest supported (as Debian 12 ships it) and the newest
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @dataclass(frozen=True)
 class Release:
     """A paramiko release the benchmark runs its workers under."""
 
-    name: str  # as asked for: "2.12.0", "newest", "current"
+    name: str  # as asked for: "2.12.0", "debian12", "newest", "current", "system"
     python: str  # the interpreter of its venv
     version: str  # the paramiko version installed there
+    cryptography: str = "?"  # the cryptography version installed there
 
 
 def _python_tag() -> str:
     return f"py{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def _installed_version(python: str) -> str:
-    out = subprocess.run([python, "-c", "import paramiko; print(paramiko.__version__)"],
+def _installed_versions(python: str) -> tuple[str, str]:
+    """(paramiko, cryptography) as ``python`` imports them."""
+    out = subprocess.run([python, "-c", "import cryptography, paramiko, gevent; "
+                          "print(paramiko.__version__, cryptography.__version__)"],
                          capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
-        raise RuntimeError(f"{python}: paramiko does not import: {out.stderr.strip()[-500:]}")
-    return out.stdout.strip()
+        raise RuntimeError(f"{python}: paramiko, cryptography or gevent does not import: {out.stderr.strip()[-500:]}")
+    paramiko_version, cryptography_version = out.stdout.split()[-2:]
+    return paramiko_version, cryptography_version
+
+
+def _made(name: str, python: str) -> Release:
+    return Release(name, python, *_installed_versions(python))
 
 
 def _pip_install(python: str, requirements: list[str], upgrade: bool) -> None:
@@ -81,7 +103,10 @@ def ensure(name: str, cache_dir: Path = CACHE_DIR, refresh: bool = False) -> Rel
         RuntimeError: the venv could not be made (no network, no wheel for this Python, ...).
     """
     if name == "current":
-        return Release(name, sys.executable, _installed_version(sys.executable))
+        return _made(name, sys.executable)
+    if name == "system":
+        return _made(name, SYSTEM_PYTHON)
+    paramiko_version, pins = DISTRIBUTIONS.get(name, (name, ()))
     cache_dir.mkdir(parents=True, exist_ok=True)
     home = cache_dir / f"paramiko-{name}-{_python_tag()}"
     python = str(home / "bin" / "python")
@@ -94,23 +119,25 @@ def ensure(name: str, cache_dir: Path = CACHE_DIR, refresh: bool = False) -> Rel
         if marker.exists():
             made = json.loads(marker.read_text())
             if name != "newest" or time.time() - made["checked"] < NEWEST_RECHECK_S:
-                return Release(name, python, made["version"])
+                return Release(name, python, made["version"], made.get("cryptography", "?"))
             try:
                 _pip_install(python, ["paramiko", *EXTRA_PACKAGES], upgrade=True)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 # Offline: keep measuring with the newest we have, and say so.
                 print(f"# venvs: could not check for a newer paramiko ({exc}); using {made['version']}",
                       file=sys.stderr, flush=True)
-                return Release(name, python, made["version"])
+                return Release(name, python, made["version"], made.get("cryptography", "?"))
         else:
             if home.exists():
                 shutil.rmtree(home)  # a half-made venv from an interrupted run
             subprocess.run([sys.executable, "-m", "venv", str(home)], check=True, timeout=300)
-            spec = "paramiko" if name == "newest" else f"paramiko=={name}"
-            _pip_install(python, [spec, *EXTRA_PACKAGES], upgrade=False)
-        version = _installed_version(python)
-        marker.write_text(json.dumps({"version": version, "checked": time.time()}))
-        return Release(name, python, version)
+            spec = "paramiko" if name == "newest" else f"paramiko=={paramiko_version}"
+            pinned = {p.split("==")[0] for p in pins}
+            _pip_install(python, [spec, *pins, *(p for p in EXTRA_PACKAGES if p not in pinned)], upgrade=False)
+        release = _made(name, python)
+        marker.write_text(json.dumps({"version": release.version, "cryptography": release.cryptography,
+                                      "checked": time.time()}))
+        return release
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for name in filter(None, args.releases.split(",")):
         release = ensure(name, refresh=args.refresh)
-        print(f"{release.name}: paramiko {release.version}: {release.python}")
+        print(f"{release.name}: paramiko {release.version}, cryptography {release.cryptography}: {release.python}")
     return 0
 
 

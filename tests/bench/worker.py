@@ -177,6 +177,8 @@ def disable(names: list[str]) -> None:
             from x2go_sftp.engine import SFTPEngine
 
             SFTPEngine.hold_replies = False
+        elif name == "gcmctx":
+            os.environ["X2GO_SFTP_GCM_CONTEXT"] = "0"  # x2go_sftp.aesgcm's opt-out, read for each new key
         elif name == "asbytes":
             os.environ["X2GO_SFTP_ASBYTES_FIX"] = "0"  # the opt-out, read when the tunnel is made
         elif name not in ("nodelay", "command") and name:
