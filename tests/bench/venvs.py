@@ -38,15 +38,18 @@ CACHE_DIR = Path(os.environ.get("X2GO_BENCH_VENVS", "/tmp/x2go-sftp-bench-venvs"
 NEWEST_RECHECK_S = 24 * 3600
 # What every worker needs besides paramiko: gevent for the gevent-patched variants
 # (python-x2go runs under it).  x2go_sftp itself comes from the source tree.
-EXTRA_PACKAGES = ("gevent",)
+EXTRA_PACKAGES = ("gevent",
+                  # gevent < 23 loads its plugins through pkg_resources, whose old releases cannot
+                  # find today's wheel metadata names (zope_interface): no speed is involved.
+                  "setuptools>=70,<81")
 # pip may take a while to fetch cryptography and gevent wheels on a slow link.
 PIP_TIMEOUT_S = 900
 # Releases in the table of supported paramiko releases (issue 12): Debian 12 / Ubuntu 24.04,
 # Debian 13, and the newest.
 # What each distribution ships with its python3-paramiko (Debian and Ubuntu package versions).
 DISTRIBUTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "debian12": ("2.12.0", ("cryptography==38.0.4", "gevent==22.10.2")),
-    "ubuntu24.04": ("2.12.0", ("cryptography==41.0.7", "gevent==23.9.1")),
+    "debian12": ("2.12.0", ("cryptography==38.0.4", "gevent==22.10.2", "greenlet==2.0.2", "zope.interface==5.5.2")),
+    "ubuntu24.04": ("2.12.0", ("cryptography==41.0.7", "gevent==23.9.1", "greenlet==3.0.3", "zope.interface==6.1")),
     "debian13": ("3.5.1", ("cryptography==43.0.0", "gevent==24.11.1")),
 }
 SUPPORTED = ("debian12", "ubuntu24.04", "debian13", "newest")
