@@ -60,6 +60,7 @@ NEEDED: tuple[str, ...] = ("EVP_get_cipherbyname", "EVP_CIPHER_CTX_new", "EVP_CI
 TAG = 16
 NONCE = 12  # RFC 5647 7.1: the only nonce size SSH uses
 _CIPHER_NAMES = {16: b"aes-128-gcm", 32: b"aes-256-gcm"}
+_SEAL, _OPEN = 0, 1  # ReusedGcm's two ways (an opened packet carries its tag on top of the text)
 # The longest text one call takes (OpenSSL's lengths are C ints); SSH packets are far shorter.
 _MAX_TEXT = 1 << 30
 
@@ -158,7 +159,7 @@ class ReusedGcm:
     arriving while one is inside, is served by a plain ``AESGCM`` of the same key.
     """
 
-    __slots__ = ("_binding", "_busy", "_key", "_open", "_plain", "_seal")
+    __slots__ = ("_binding", "_busy", "_contexts", "_key", "_plain")
 
     def __init__(self, key: bytes, binding: tuple[Any, Any]) -> None:
         if len(key) not in _CIPHER_NAMES:
@@ -166,29 +167,26 @@ class ReusedGcm:
         self._key = bytes(key)
         self._plain = AESGCM(self._key)
         self._binding = binding
-        self._seal: _Context | None = None
-        self._open: _Context | None = None
+        self._contexts: list[_Context | None] = [None, None]  # sealing, opening: made at first use
         self._busy = threading.Lock()
 
     def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
-        aad = associated_data or b""
-        if len(nonce) != NONCE or len(data) > _MAX_TEXT or not self._busy.acquire(False):
-            return self._plain.encrypt(nonce, data, associated_data)
-        try:
-            if self._seal is None:
-                self._seal = _Context(*self._binding, self._key, seal=True)
-            return self._seal.encrypt(nonce, data, aad)
-        finally:
-            self._busy.release()
+        return self._run(_SEAL, nonce, data, associated_data)
 
     def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
-        aad = associated_data or b""
-        if len(nonce) != NONCE or len(data) > _MAX_TEXT + TAG or not self._busy.acquire(False):
-            return self._plain.decrypt(nonce, data, associated_data)
+        return self._run(_OPEN, nonce, data, associated_data)
+
+    def _run(self, way: int, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        """Seal or open on this key's kept context for ``way``; on a plain ``AESGCM`` if it is not for that."""
+        if len(nonce) != NONCE or len(data) > _MAX_TEXT + way * TAG or not self._busy.acquire(False):
+            plain = self._plain
+            return (plain.decrypt if way == _OPEN else plain.encrypt)(nonce, data, associated_data)
         try:
-            if self._open is None:
-                self._open = _Context(*self._binding, self._key, seal=False)
-            return self._open.decrypt(nonce, data, aad)
+            ctx = self._contexts[way]
+            if ctx is None:
+                ctx = self._contexts[way] = _Context(*self._binding, self._key, seal=way == _SEAL)
+            aad = associated_data or b""
+            return ctx.decrypt(nonce, data, aad) if way == _OPEN else ctx.encrypt(nonce, data, aad)
         finally:
             self._busy.release()
 
