@@ -19,7 +19,9 @@ and each mode:
 * ``stock``     python-x2go as shipped (on paramiko 2.12 it cannot mount: reported as failed)
 * ``ours``      after ``x2go_sftp.integrate.install()``
 * ``ours-gcm``  after ``x2go_sftp.integrate.install(outer_gcm=True)``: python-x2go's own
-  connection is rekeyed to prefer AES-GCM (paramiko >= 3.3)
+  connection is rekeyed to prefer AES-GCM
+* ``ours-no-gcmctx``  ``ours`` with ``X2GO_SFTP_GCM_CONTEXT=0``: AES-GCM through
+  cryptography's own ``AESGCM`` (matters on cryptography 38-42: Debian 12's 38.0.4)
 
 Each mode run is one fresh python-x2go process and X2Go session sharing one
 fresh folder; x2gomountdirs mounts it with sshfs on the server side, and the
@@ -80,7 +82,7 @@ INTERPRETERS = {
     "3.5.1": VENV_PYTHONS["paramiko-3.5"],
     "5.1": VENV_PYTHONS["paramiko-5.1"],
 }
-MODES = ("stock", "ours", "ours-gcm")
+MODES = ("stock", "ours", "ours-gcm", "ours-no-gcmctx")
 BASELINE = "ours"
 
 
@@ -129,6 +131,8 @@ class Bench:
         extra: dict[str, Any] = {"printing": False, "mimebox": False}
         if mode == "ours-gcm":
             extra["outer_gcm"] = True
+        elif mode == "ours-no-gcmctx":  # ablation: cryptography's own AESGCM (x2go_sftp/aesgcm.py's opt-out)
+            extra["env"] = {"X2GO_SFTP_GCM_CONTEXT": "0"}
         cfg = driver_config(self.server, work, "stock" if mode == "stock" else "ours", [str(share)], **extra)
         driver = Driver(python, cfg, work / "driver.stderr")
         sshfs_log = None

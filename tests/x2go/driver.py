@@ -95,7 +95,9 @@ def main() -> int:
     # cfg: mode ("stock" | "ours" | "bare"), repo, port, user, client_key, known_hosts, client_root,
     #      session_name, ports {gr, snd, fs}, agent_pid, shares [paths], printing, mimebox,
     #      keys_out (dir: the test gets the session key and host key there),
-    #      outer_gcm (optional, mode "ours": install(outer_gcm=True); default False)
+    #      outer_gcm (optional, mode "ours": install(outer_gcm=True); default False),
+    #      env (optional: environment variables set before anything is imported, e.g. opt-outs)
+    os.environ.update(cfg.get("env") or {})
     if cfg["mode"] == "ours":
         sys.path.insert(0, cfg["repo"])
         import x2go_sftp.integrate
