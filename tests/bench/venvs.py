@@ -17,7 +17,9 @@ Debian 12's on this machine), or a distribution (:data:`DISTRIBUTIONS`:
 cryptography and gevent it ships beside it.  cryptography matters: up to 42
 its AES-GCM sets up OpenSSL per packet (x2go_sftp/aesgcm.py), and its AES-CTR
 and HMAC cost more per call, so a paramiko 2.12 venv with today's cryptography
-is not what a Debian 12 user runs.  The interpreter stays the benchmark's.
+is not what a Debian 12 user runs.  A distribution's venv is made with its
+Python (3.11, 3.12, 3.13; found as .ci/run finds interpreters); any other
+release's with the benchmark's own.
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ EXTRA_PACKAGES = ("gevent",
 PIP_TIMEOUT_S = 900
 # Releases in the table of supported paramiko releases (issue 12): Debian 12 / Ubuntu 24.04,
 # Debian 13, and the newest.
-# What each distribution ships with its python3-paramiko (Debian and Ubuntu package versions).
-DISTRIBUTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "debian12": ("2.12.0", ("cryptography==38.0.4", "gevent==22.10.2", "greenlet==2.0.2", "zope.interface==5.5.2")),
-    "ubuntu24.04": ("2.12.0", ("cryptography==41.0.7", "gevent==23.9.1", "greenlet==3.0.3", "zope.interface==6.1")),
-    "debian13": ("3.5.1", ("cryptography==43.0.0", "gevent==24.11.1")),
+# What each distribution ships with its python3-paramiko (Debian and Ubuntu package versions):
+# its Python, paramiko, and the packages whose speed matters beside it.
+DISTRIBUTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "debian12": ("3.11", "2.12.0",
+                 ("cryptography==38.0.4", "gevent==22.10.2", "greenlet==2.0.2", "zope.interface==5.5.2")),
+    "ubuntu24.04": ("3.12", "2.12.0",
+                    ("cryptography==41.0.7", "gevent==23.9.1", "greenlet==3.0.3", "zope.interface==6.1")),
+    "debian13": ("3.13", "3.5.1", ("cryptography==43.0.0", "gevent==24.11.1")),
 }
 SUPPORTED = ("debian12", "ubuntu24.04", "debian13", "newest")
 SHORT = ("debian12", "newest")  # CI's short mode: the oldest supported (as Debian 12 ships it) and the newest
@@ -67,8 +72,39 @@ class Release:
     cryptography: str = "?"  # the cryptography version installed there
 
 
-def _python_tag() -> str:
-    return f"py{sys.version_info.major}.{sys.version_info.minor}"
+def _this_minor() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def find_python(minor: str) -> str:
+    """An interpreter of Python ``minor`` (e.g. "3.11"): pyenv's, the system's, on PATH, or fetched by uv.
+
+    The same search as .ci/run's; each candidate must really run (pyenv's shims
+    exist for versions not selected).
+
+    Raises:
+        RuntimeError: none here, and uv could not fetch one.
+    """
+    if minor == _this_minor():
+        return sys.executable
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = [*sorted(root.glob(f"versions/{minor}.*/bin/python{minor}")), Path(f"/usr/bin/python{minor}"),
+                  *([Path(w)] if (w := shutil.which(f"python{minor}")) else [])]
+    for p in candidates:
+        if p.is_file() and subprocess.run([str(p), "-c", "import venv"], capture_output=True,
+                                          timeout=60).returncode == 0:
+            return str(p)
+    uv = subprocess.run([sys.executable, "-m", "uv", "python", "find", minor], capture_output=True, text=True,
+                        timeout=600)
+    if uv.returncode != 0:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "uv"], capture_output=True, timeout=PIP_TIMEOUT_S)
+        subprocess.run([sys.executable, "-m", "uv", "python", "install", "-q", minor], capture_output=True,
+                       timeout=PIP_TIMEOUT_S)
+        uv = subprocess.run([sys.executable, "-m", "uv", "python", "find", minor], capture_output=True, text=True,
+                            timeout=600)
+    if uv.returncode != 0 or not uv.stdout.strip():
+        raise RuntimeError(f"no Python {minor} here, and uv could not fetch one")
+    return uv.stdout.strip()
 
 
 def _installed_versions(python: str) -> tuple[str, str]:
@@ -109,9 +145,9 @@ def ensure(name: str, cache_dir: Path = CACHE_DIR, refresh: bool = False) -> Rel
         return _made(name, sys.executable)
     if name == "system":
         return _made(name, SYSTEM_PYTHON)
-    paramiko_version, pins = DISTRIBUTIONS.get(name, (name, ()))
+    minor, paramiko_version, pins = DISTRIBUTIONS.get(name, (_this_minor(), name, ()))
     cache_dir.mkdir(parents=True, exist_ok=True)
-    home = cache_dir / f"paramiko-{name}-{_python_tag()}"
+    home = cache_dir / f"paramiko-{name}-py{minor}"
     python = str(home / "bin" / "python")
     marker = home / "x2go-bench-ready.json"
     # Two benchmark runs at once must not build the same venv together.
@@ -121,6 +157,9 @@ def ensure(name: str, cache_dir: Path = CACHE_DIR, refresh: bool = False) -> Rel
             shutil.rmtree(home)
         if marker.exists():
             made = json.loads(marker.read_text())
+            if "cryptography" not in made:  # a venv from before the marker named it
+                made["cryptography"] = _made(name, python).cryptography
+                marker.write_text(json.dumps(made))
             if name != "newest" or time.time() - made["checked"] < NEWEST_RECHECK_S:
                 return Release(name, python, made["version"], made.get("cryptography", "?"))
             try:
@@ -133,7 +172,7 @@ def ensure(name: str, cache_dir: Path = CACHE_DIR, refresh: bool = False) -> Rel
         else:
             if home.exists():
                 shutil.rmtree(home)  # a half-made venv from an interrupted run
-            subprocess.run([sys.executable, "-m", "venv", str(home)], check=True, timeout=300)
+            subprocess.run([find_python(minor), "-m", "venv", str(home)], check=True, timeout=300)
             spec = "paramiko" if name == "newest" else f"paramiko=={paramiko_version}"
             pinned = {p.split("==")[0] for p in pins}
             _pip_install(python, [spec, *pins, *(p for p in EXTRA_PACKAGES if p not in pinned)], upgrade=False)
