@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import getpass
 import hashlib
 import logging
@@ -399,6 +400,57 @@ class _Stop(Exception):
     """SIGINT/SIGTERM/SIGHUP while logging in (nothing is on the server yet)."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _SignalStop:
+    """SIGINT, SIGTERM and SIGHUP set :attr:`event`, without the handler taking a lock.
+
+    A Python signal handler runs in the main thread between two bytecodes,
+    possibly while that thread holds the very lock ``Event.set()`` needs:
+    ``Event.wait()`` holds its condition's lock as it starts and ends, and
+    the main loop waits on the event twice a second.  A handler calling
+    ``set()`` there waits for itself forever (seen in CI: the share never
+    ended after SIGINT).  So the handler only writes a byte to a pipe; a
+    thread reading it sets the event.  While :attr:`logging_in`, the first
+    signal also raises :class:`_Stop` where the main thread is (nothing is on
+    the server yet).
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.logging_in = True
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)  # a burst of signals must not block the handler
+        self._thread = threading.Thread(target=self._relay, name="x2go-sftp-signals", daemon=True)
+        self._previous: dict[int, Any] = {}
+
+    def _relay(self) -> None:
+        while os.read(self._read, 64):  # b"" once the write end is closed
+            self.event.set()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        with contextlib.suppress(OSError):  # the pipe is full: the event is being set anyway
+            os.write(self._write, b"!")
+        if self.logging_in:
+            self.logging_in = False
+            raise _Stop(signal.Signals(signum).name)
+
+    def __enter__(self) -> _SignalStop:
+        self._thread.start()
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logging_in = False
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+        os.close(self._write)
+        if self._thread.ident is not None:
+            self._thread.join()
+        os.close(self._read)
+
+
 def cmd_share(args: argparse.Namespace) -> int:
     quiet: bool = args.quiet
     handler = configure_logging(args.verbose, quiet)
@@ -408,28 +460,20 @@ def cmd_share(args: argparse.Namespace) -> int:
         error(str(e))
         return EXIT_USAGE
 
-    stop = threading.Event()
     # While logging in, a signal may interrupt whatever runs: nothing is on the
     # server yet.  From then on it only sets ``stop``, which share() checks
     # between steps: an exception in the middle of an SFTP exchange would
     # leave the stream unusable for the undoing.
-    logging_in = True
-
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal logging_in
-        stop.set()
-        if logging_in:
-            logging_in = False
-            raise _Stop(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signals = _SignalStop()
+    stop = signals.event
     transport: paramiko.Transport | None = None
     s: Share | None = None
     try:
         try:
+            signals.__enter__()
             transport, host = connect(args.destination, args.port, args.login, args.identity or [],
                                       args.known_hosts, args.accept_new)
-            logging_in = False
+            signals.logging_in = False
             s = share(transport, folders, remote_dir=args.remote_dir, host=host, cancel=stop)
         except (_Stop, ShareCancelled):
             return EXIT_OK  # share() undid its part
@@ -460,13 +504,12 @@ def cmd_share(args: argparse.Namespace) -> int:
             error(p)
         return EXIT_OK
     finally:
-        logging_in = False
+        signals.logging_in = False
         if s is not None:
             s.close()
         if transport is not None:
             transport.close()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        signals.__exit__()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
