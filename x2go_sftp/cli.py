@@ -436,12 +436,13 @@ class _SignalStop:
             self.logging_in = False
             raise _Stop(signal.Signals(signum).name)
 
-    def __enter__(self) -> _SignalStop:
+    def install(self) -> None:
+        """Start the relay thread, then take over the signals."""
         self._thread.start()
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def restore(self) -> None:
+        """Give the signals back, end the relay thread, close the pipe (also after a partial install)."""
         self.logging_in = False
         for sig, old in self._previous.items():
             signal.signal(sig, old)
@@ -449,6 +450,13 @@ class _SignalStop:
         if self._thread.ident is not None:
             self._thread.join()
         os.close(self._read)
+
+    def __enter__(self) -> _SignalStop:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
 def cmd_share(args: argparse.Namespace) -> int:
@@ -470,7 +478,7 @@ def cmd_share(args: argparse.Namespace) -> int:
     s: Share | None = None
     try:
         try:
-            signals.__enter__()
+            signals.install()
             transport, host = connect(args.destination, args.port, args.login, args.identity or [],
                                       args.known_hosts, args.accept_new)
             signals.logging_in = False
@@ -509,7 +517,7 @@ def cmd_share(args: argparse.Namespace) -> int:
             s.close()
         if transport is not None:
             transport.close()
-        signals.__exit__()
+        signals.restore()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
