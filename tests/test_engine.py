@@ -818,8 +818,9 @@ def raw_longname(st: os.stat_result, name: str, now: float) -> str:
         except KeyError:
             return str(num)
     user, group = ident(pwd.getpwuid, st.st_uid), ident(grp.getgrgid, st.st_gid)
-    recent = now - 365 * 24 * 3600 // 2 < st.st_mtime <= now
-    date = time.strftime("%b %e %H:%M" if recent else "%b %e  %Y", time.localtime(int(st.st_mtime)))
+    mtime = int(st.st_mtime)  # a time_t, as sftp-server compares it
+    recent = now - 365 * 24 * 3600 // 2 < mtime <= now
+    date = time.strftime("%b %e %H:%M" if recent else "%b %e  %Y", time.localtime(mtime))
     return (f"{stat.filemode(st.st_mode)}  {st.st_nlink:>3} {user:<{max(len(user), 8)}} "
             f"{group:<{max(len(group), 8)}} {st.st_size:>8} {date} {name}")
 
@@ -864,9 +865,9 @@ def engine_over_socketpair(sftp_si: type, **kwargs: Any) -> Iterator[RawSFTP]:
 class _RecordingDirHandle(DirHandle):
     asked: ClassVar[list[int]] = []
 
-    def read_batch(self, max_names: int) -> list[Any] | int:
+    def read_stats(self, max_names: int) -> list[Any] | int:
         type(self).asked.append(max_names)
-        return super().read_batch(max_names)
+        return super().read_stats(max_names)
 
 
 class _RecordingServer(JailedSFTPServer):
@@ -903,6 +904,36 @@ def test_readdir_streams_from_the_directory(tmp_path: Path) -> None:
             rest = _list_all(raw, str(export))
             assert sum(len(b) for b in rest) == 252
             assert _RecordingServer.whole_listings == 0
+    finally:
+        exports.clear()
+
+
+class _HidingDirHandle(DirHandle):
+    """A subclass that hides names: read_stats is the listing primitive, READDIR follows it."""
+
+    def read_stats(self, max_names: int) -> list[Any] | int:
+        batch = super().read_stats(max_names)
+        return [(n, st) for n, st in batch if not n.startswith("secret")] if isinstance(batch, list) else batch
+
+
+class _HidingServer(JailedSFTPServer):
+    def opendir(self, path: str) -> Any:
+        handle = super().opendir(path)
+        if isinstance(handle, DirHandle):
+            handle.__class__ = _HidingDirHandle
+        return handle
+
+
+def test_readdir_follows_a_subclass_read_stats(tmp_path: Path) -> None:
+    export = tmp_path / "e"
+    export.mkdir()
+    for name in ("plain", "secret-1", "secret-2", "other"):
+        (export / name).write_bytes(b"")
+    exports = Exports([str(export)])
+    try:
+        with engine_over_socketpair(_HidingServer, exports=exports) as raw:
+            listed = {n for b in _list_all(raw, str(export)) for n, _, _ in b}
+            assert listed == {b".", b"..", b"plain", b"other"}
     finally:
         exports.clear()
 

@@ -364,13 +364,19 @@ class DirHandle(paramiko.SFTPHandle):
             up = os.fstat(parent_fd)  # from the walk: the kernel's ".." may lie outside
         else:
             up = os.stat("..", dir_fd=fd)
-        self._pending: list[SFTPAttributes] = [_attributes(here, "."), _attributes(up, "..")]
+        self._pending: list[tuple[str, os.stat_result]] = [(".", here), ("..", up)]
         self._scan = os.scandir(fd)  # works on its own dup of fd; the last step that can fail
         # From here on close() gives the budget back (until here it is the caller's to give).
         self._budget_fds = budget_fds
 
-    def read_batch(self, max_names: int) -> list[SFTPAttributes] | int:
-        """Up to ``max_names`` entries; [] at the end of the directory."""
+    def read_stats(self, max_names: int) -> list[tuple[str, os.stat_result]] | int:
+        """Up to ``max_names`` entries as ``(name, lstat result)``; [] at the end of the directory.
+
+        The listing primitive: the engine encodes READDIR replies straight from
+        these (:meth:`x2go_sftp.attrs.LongNames.entry`), without building an
+        ``SFTPAttributes`` per name.  A subclass that filters or adds entries
+        overrides this one; :meth:`read_batch` follows it.
+        """
         if not self.export.active:
             return from_oserror(refused("export removed"))
         out = self._pending[:max_names]
@@ -383,14 +389,20 @@ class DirHandle(paramiko.SFTPHandle):
             except OSError as e:
                 return from_oserror(e)
             try:
-                st = entry.stat(follow_symlinks=False)
+                out.append((entry.name, entry.stat(follow_symlinks=False)))
             except OSError:
                 continue  # removed while listing
-            out.append(_attributes(st, entry.name))
         return out
 
-    def push_back(self, entries: list[SFTPAttributes]) -> None:
-        """Return entries that did not fit in a reply; they come first next time."""
+    def read_batch(self, max_names: int) -> list[SFTPAttributes] | int:
+        """Up to ``max_names`` entries as ``SFTPAttributes``; [] at the end of the directory."""
+        batch = self.read_stats(max_names)
+        if not isinstance(batch, list):
+            return batch
+        return [_attributes(st, name) for name, st in batch]
+
+    def push_back(self, entries: list[tuple[str, os.stat_result]]) -> None:
+        """Return entries of :meth:`read_stats` that did not fit in a reply; they come first next time."""
         self._pending[:0] = entries
 
     def _get_next_files(self) -> list[SFTPAttributes]:

@@ -659,20 +659,39 @@ class SFTPEngine(paramiko.SFTPServer):
         if folder is None:
             self._send_status(request_number, Status(SFTP_FAILURE, "Invalid handle"))
             return
+        now = time.time()
+        read_stats = getattr(folder, "read_stats", None)
+        if read_stats is not None:
+            # Our backend's DirHandle: each entry encoded straight from its lstat().
+            stats = read_stats(READDIR_MAX_NAMES)
+            if isinstance(stats, list):
+                entry_of = self.long_names.entry
+                self._send_entries(request_number, folder, stats, lambda item: entry_of(item[0], item[1], now))
+            else:
+                self._send_status(request_number, stats)
+            return
         read_batch = getattr(folder, "read_batch", None)
         batch = read_batch(READDIR_MAX_NAMES) if read_batch is not None else paramiko_compat.next_folder_batch(folder)
         if not isinstance(batch, list):
             self._send_status(request_number, batch)
             return
+        longname = self.long_names.longname
+        self._send_entries(request_number, folder, batch, lambda attr: (
+            pack_string(encode(attr.filename)) + pack_string(longname(attr, now)) + pack_attrs(attr)))
+
+    def _send_entries(self, request_number: int, folder: Any, batch: list[Any],
+                      encode_entry: Callable[[Any], bytes]) -> None:
+        """A NAME reply of ``batch`` within :data:`READDIR_MAX_BYTES`; EOF for an empty one.
+
+        What does not fit goes back to the folder (``push_back``) for the next READDIR.
+        """
         if not batch:
             self._send_status(request_number, SFTP_EOF)
             return
         entries: list[bytes] = []
         size = 0
-        now = time.time()
-        longname = self.long_names.longname
-        for i, attr in enumerate(batch[:READDIR_MAX_NAMES]):
-            entry = pack_string(encode(attr.filename)) + pack_string(longname(attr, now)) + pack_attrs(attr)
+        for i, item in enumerate(batch[:READDIR_MAX_NAMES]):
+            entry = encode_entry(item)
             if entries and size + len(entry) > READDIR_MAX_BYTES:
                 # Over budget: hand the rest back for the next READDIR.
                 push_back = getattr(folder, "push_back", None)
