@@ -870,7 +870,20 @@ class _RecordingDirHandle(DirHandle):
         return super().read_stats(max_names)
 
 
-class _RecordingServer(JailedSFTPServer):
+def _opening_dirs_as(handle_class: type[DirHandle]) -> type[JailedSFTPServer]:
+    """The real backend, its open directories of ``handle_class``."""
+
+    class Server(JailedSFTPServer):
+        def opendir(self, path: str) -> Any:
+            handle = super().opendir(path)
+            if isinstance(handle, DirHandle):
+                handle.__class__ = handle_class
+            return handle
+
+    return Server
+
+
+class _RecordingServer(_opening_dirs_as(_RecordingDirHandle)):  # type: ignore[misc]
     """The real backend, recording how the engine lists directories."""
 
     whole_listings = 0
@@ -878,12 +891,6 @@ class _RecordingServer(JailedSFTPServer):
     def list_folder(self, path: str) -> Any:
         type(self).whole_listings += 1
         return super().list_folder(path)
-
-    def opendir(self, path: str) -> Any:
-        handle = super().opendir(path)
-        if isinstance(handle, DirHandle):
-            handle.__class__ = _RecordingDirHandle
-        return handle
 
 
 def test_readdir_streams_from_the_directory(tmp_path: Path) -> None:
@@ -916,14 +923,6 @@ class _HidingDirHandle(DirHandle):
         return [(n, st) for n, st in batch if not n.startswith("secret")] if isinstance(batch, list) else batch
 
 
-class _HidingServer(JailedSFTPServer):
-    def opendir(self, path: str) -> Any:
-        handle = super().opendir(path)
-        if isinstance(handle, DirHandle):
-            handle.__class__ = _HidingDirHandle
-        return handle
-
-
 def test_readdir_follows_a_subclass_read_stats(tmp_path: Path) -> None:
     export = tmp_path / "e"
     export.mkdir()
@@ -931,7 +930,7 @@ def test_readdir_follows_a_subclass_read_stats(tmp_path: Path) -> None:
         (export / name).write_bytes(b"")
     exports = Exports([str(export)])
     try:
-        with engine_over_socketpair(_HidingServer, exports=exports) as raw:
+        with engine_over_socketpair(_opening_dirs_as(_HidingDirHandle), exports=exports) as raw:
             listed = {n for b in _list_all(raw, str(export)) for n, _, _ in b}
             assert listed == {b".", b"..", b"plain", b"other"}
     finally:
