@@ -16,7 +16,8 @@ from pathlib import Path
 
 # Leaf frames that mean "waiting", not "working".
 IDLE_MARKERS = ("wait (threading.py", "select (", "run (gevent/hub.py", "_wait (", "acquire (",
-                "sleep (", "poll (", "switch (gevent", "get (gevent", "wait (gevent", "wait_on_watcher")
+                "sleep (", "poll (", "switch (gevent", "get (gevent", "wait (gevent", "wait_on_watcher",
+                "acquire_with_timeout (")  # gevent's idle threadpool worker, a real thread blocked in a lock
 
 
 def load(path: Path) -> list[tuple[list[str], int]]:
