@@ -357,7 +357,7 @@ def install(host_key: paramiko.PKey | None = None, outer_gcm: bool = False) -> b
             and _paramiko_passes_file_format()):
         record.replace(paramiko.PKey, paramiko_compat.PKEY_PRIVATE_WRITER, _write_private_key)
 
-    paramiko_compat.fix_asbytes()  # 6. paramiko 2.x: python-x2go's connection formats no repr per packet
+    paramiko_compat.fix_speed_defects()  # 6. python-x2go's connection: no repr per packet sent, MACs compared in C
     setattr(x2go_sftpserver, _RECORD_ATTR, record)
     log.tagged(None, _LOG_TAG)(
         f"python-x2go now shares folders through x2go-sftp ({len(record.patches)} replacements)",

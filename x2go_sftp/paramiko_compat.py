@@ -1216,7 +1216,6 @@ import sys  # noqa: E402  (this section's own import, kept beside it)
 ASBYTES_FIX_ENV = "X2GO_SFTP_ASBYTES_FIX"
 """Environment variable: ``0``, ``no``, ``off`` or ``false`` keeps paramiko's own ``asbytes``."""
 
-_ASBYTES_FIX_OFF = _OPT_OUT
 _ASBYTES_LOG_TAG = "paramiko-compat"
 _asbytes_lock = threading.Lock()
 # paramiko's own function while the fix is applied, else None.
@@ -1305,6 +1304,21 @@ def _paramiko_modules() -> list[Any]:
     ]
 
 
+def _opted_out(env: str) -> bool:
+    """True if the environment variable ``env`` says ``0``/``no``/``off``/``false``."""
+    return os.environ.get(env, "").strip().lower() in _OPT_OUT
+
+
+def _rebind(attr: str, old: Any, new: Any) -> list[str]:
+    """Bind ``new`` as ``attr`` in every loaded paramiko module that binds ``old`` there; their names."""
+    bound = []
+    for module in _paramiko_modules():
+        if getattr(module, attr, None) is old:
+            setattr(module, attr, new)
+            bound.append(module.__name__)
+    return sorted(bound)
+
+
 def asbytes_fix_applied() -> bool:
     """True while :func:`fix_asbytes` is in effect."""
     return _asbytes_original is not None
@@ -1324,7 +1338,7 @@ def fix_asbytes(logger: log.LoggerLike | None = None) -> bool:
         True if the fix is in effect after the call.
     """
     global _asbytes_original
-    if os.environ.get(ASBYTES_FIX_ENV, "").strip().lower() in _ASBYTES_FIX_OFF:
+    if _opted_out(ASBYTES_FIX_ENV):
         return asbytes_fix_applied()
     with _asbytes_lock:
         if _asbytes_original is not None:
@@ -1332,15 +1346,11 @@ def fix_asbytes(logger: log.LoggerLike | None = None) -> bool:
         original = paramiko_asbytes()
         if original is None or not asbytes_formats_repr(original) or not _behaves_as_2x(original):
             return False
-        bound = []
-        for module in _paramiko_modules():
-            if getattr(module, "asbytes", None) is original:
-                module.asbytes = asbytes_without_repr
-                bound.append(module.__name__)
+        bound = _rebind("asbytes", original, asbytes_without_repr)
         _asbytes_original = original
     log.tagged(logger, _ASBYTES_LOG_TAG)(
         f"paramiko {getattr(paramiko, '__version__', '?')}: asbytes() formatted the repr of every packet "
-        f"sent; now bound without it in {', '.join(sorted(bound))} (opt out: {ASBYTES_FIX_ENV}=0)",
+        f"sent; now bound without it in {', '.join(bound)} (opt out: {ASBYTES_FIX_ENV}=0)",
         loglevel=log.loglevel_INFO,
     )
     return True
@@ -1360,8 +1370,130 @@ def restore_asbytes() -> bool:
         if original is None:
             return False
         # Modules imported after the fix bound it too: look at every one.
-        for module in _paramiko_modules():
-            if getattr(module, "asbytes", None) is asbytes_without_repr:
-                module.asbytes = original
+        _rebind("asbytes", asbytes_without_repr, original)
         _asbytes_original = None
     return True
+
+
+# -- every paramiko: the MAC of each packet received, compared in a Python loop ---------
+#
+# ``Packetizer.read_message`` checks the MAC of every packet it receives with
+# ``util.constant_time_bytes_eq``: a Python loop that calls ``byte_ord`` twice per
+# byte, 64 calls for an HMAC-SHA256, about 4 us per packet (2.12, 3.5 and 5.1 have
+# the same code).  While sshfs writes through python-x2go's connection (AES-CTR
+# with HMAC-SHA2: paramiko's first choice against OpenSSH), that was 5.8 % of the
+# process's CPU on Debian 12's stack (py-spy, notebook round 10).  The standard
+# library has the same comparison in C, constant-time as well:
+# ``hmac.compare_digest``, about 0.05 us.
+#
+# :func:`fix_mac_compare` binds a :func:`mac_compare` wherever paramiko's modules
+# bound paramiko's function by name (``util``, where ``packet`` looks it up at
+# each packet, and ``hostkeys``): two bytes objects go to ``compare_digest``,
+# anything else to paramiko's own function, so the answer is the same for every
+# input.  It is applied only after a probe finds that paramiko's function answers
+# as equality on bytes (an unknown or someone else's function is left alone).
+# Process-wide, like the ``asbytes`` fix: python-x2go's connection is where most
+# packets are received.  Opt out with ``X2GO_SFTP_MAC_COMPARE_FIX=0`` (read at
+# each call); undo with :func:`restore_mac_compare`.  Checked on: 2.12, 3.5, 5.1.
+
+MAC_COMPARE_FIX_ENV = "X2GO_SFTP_MAC_COMPARE_FIX"
+"""Environment variable: ``0``, ``no``, ``off`` or ``false`` keeps paramiko's own MAC comparison."""
+
+_MAC_NAME = "constant_time_bytes_eq"
+_mac_lock = threading.Lock()
+# paramiko's own function and the one bound in its place while the fix is applied, else None.
+_mac_original: Callable[[Any, Any], bool] | None = None
+_mac_fixed: Callable[[Any, Any], bool] | None = None
+
+
+def paramiko_mac_compare() -> Callable[[Any, Any], bool] | None:
+    """paramiko's own ``util.constant_time_bytes_eq``, even while fixed."""
+    if _mac_original is not None:
+        return _mac_original
+    func = getattr(getattr(paramiko, "util", None), _MAC_NAME, None)
+    return func if callable(func) else None
+
+
+def mac_compare(original: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+    """``original``'s answers, in C for two bytes objects (``hmac.compare_digest``, constant-time too)."""
+    compare_digest = hmac.compare_digest
+
+    def constant_time_bytes_eq(a: Any, b: Any) -> bool:
+        if type(a) is bytes and type(b) is bytes:
+            return compare_digest(a, b)
+        return original(a, b)
+
+    return constant_time_bytes_eq
+
+
+def _compares_as_equality(func: Callable[[Any, Any], bool]) -> bool:
+    """Probe: ``func(a, b)`` is ``a == b`` for bytes (equal, one bit or one byte apart, empty)."""
+    mac = bytes(range(32))
+    pairs = [(mac, bytes(mac)), (mac, mac[:-1] + b"\x1e"), (mac, mac[:-1]), (b"", b""), (mac[:16], mac[16:])]
+    try:
+        return all(func(a, b) is (a == b) for a, b in pairs)
+    except Exception:
+        return False
+
+
+def mac_compare_fix_applied() -> bool:
+    """True while :func:`fix_mac_compare` is in effect."""
+    return _mac_original is not None
+
+
+def fix_mac_compare(logger: log.LoggerLike | None = None) -> bool:
+    """Compare the MAC of every packet paramiko receives in C, not in a Python loop (process-wide, idempotent).
+
+    Does nothing when paramiko's function does not answer as equality on
+    bytes (an unknown release, or someone else's wrapper), or when
+    ``X2GO_SFTP_MAC_COMPARE_FIX`` is ``0``/``no``/``off``/``false``.
+
+    Args:
+        logger: where the one INFO line goes when the fix is applied.
+
+    Returns:
+        True if the fix is in effect after the call.
+    """
+    global _mac_original, _mac_fixed
+    if _opted_out(MAC_COMPARE_FIX_ENV):
+        return mac_compare_fix_applied()
+    with _mac_lock:
+        if _mac_original is not None:
+            return True
+        original = paramiko_mac_compare()
+        if original is None or original is hmac.compare_digest or not _compares_as_equality(original):
+            return False
+        fixed = mac_compare(original)
+        bound = _rebind(_MAC_NAME, original, fixed)
+        _mac_original, _mac_fixed = original, fixed
+    log.tagged(logger, _LOG_TAG)(
+        f"paramiko {getattr(paramiko, '__version__', '?')}: the MAC of each packet received is compared "
+        f"with hmac.compare_digest, not a Python loop, in {', '.join(bound)} (opt out: {MAC_COMPARE_FIX_ENV}=0)",
+        loglevel=log.loglevel_INFO,
+    )
+    return True
+
+
+def restore_mac_compare() -> bool:
+    """Undo :func:`fix_mac_compare` in every module bound to the fix.
+
+    Returns:
+        True if something was undone.
+    """
+    global _mac_original, _mac_fixed
+    with _mac_lock:
+        if _mac_original is None:
+            return False
+        _rebind(_MAC_NAME, _mac_fixed, _mac_original)
+        _mac_original = _mac_fixed = None
+    return True
+
+
+def fix_speed_defects(logger: log.LoggerLike | None = None) -> dict[str, bool]:
+    """Both process-wide fixes of paramiko's own slow spots (same results, less CPU): what is in effect.
+
+    :func:`fix_asbytes` (paramiko 2.x) and :func:`fix_mac_compare` (every
+    release), each probed and with its own opt-out.  Called for every tunnel
+    and by :func:`x2go_sftp.integrate.install`.
+    """
+    return {"asbytes": fix_asbytes(logger), "mac_compare": fix_mac_compare(logger)}

@@ -167,7 +167,7 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
             paramiko_compat.answer_close_after_kex(ssh_transport)
         if outer_gcm:
             tuning.rekey_outer_to_gcm(ssh_transport, self.logger)
-        paramiko_compat.fix_asbytes(self.logger)  # paramiko 2.x: no repr per packet sent (process-wide)
+        paramiko_compat.fix_speed_defects(self.logger)  # asbytes, MAC comparison: process-wide, same results
 
     def add_export(self, path: str, read_only: bool = False) -> None:
         """Serve the local directory ``path`` (absolute) from now on."""

@@ -10,14 +10,17 @@ runs a long command on the connection (python-x2go always has one), starts
 the tunnel and prints one JSON line ``{"port": N}``.  It exits when its
 standard input closes.  ``--disable`` switches single optimisations off to
 measure what each buys (nodelay, gcm, pipe, fit, readahead, hold, fastpath, ack; command: no remote command, a forward-only connection;
-asbytes: paramiko 2.x's own asbytes, which formats the repr of every packet sent); ``--outer-gcm``
+asbytes: paramiko 2.x's own asbytes, which formats the repr of every packet sent; maccmp: paramiko's
+own MAC comparison, a Python loop per packet received); ``--outer-gcm``
 turns on the opt-in rekey of the outer connection to AES-GCM.
 
-The library's tunnel applies x2go_sftp.paramiko_compat.fix_asbytes (paramiko 2.x
-only; process-wide, so python-x2go's connection too).  ``forward`` applies it
-as well: with x2go-sftp installed, python-x2go's connection runs with it, so
+The library's tunnel applies x2go_sftp.paramiko_compat.fix_speed_defects
+(``asbytes`` on paramiko 2.x, the MAC comparison on every release;
+process-wide, so python-x2go's connection too).  ``forward`` applies them
+as well: with x2go-sftp installed, python-x2go's connection runs with them, so
 that is the floor to compare with.  ``legacy`` (python-x2go without x2go-sftp)
-does not.  ``X2GO_SFTP_ASBYTES_FIX=0`` in the environment turns it off for all.
+does not.  ``X2GO_SFTP_ASBYTES_FIX=0`` and ``X2GO_SFTP_MAC_COMPARE_FIX=0`` in
+the environment turn them off for all.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ class Relay:
         tuning.set_tcp_nodelay(transport)
         from x2go_sftp import paramiko_compat
 
-        paramiko_compat.fix_asbytes()  # as our tunnel does for python-x2go's connection
+        paramiko_compat.fix_speed_defects()  # as our tunnel does for python-x2go's connection
         self.server_port = transport.request_port_forward("127.0.0.1", 0, self.handler)
 
     def handler(self, chan: paramiko.Channel, origin: object, server: object) -> None:
@@ -181,6 +184,8 @@ def disable(names: list[str]) -> None:
             os.environ["X2GO_SFTP_GCM_CONTEXT"] = "0"  # x2go_sftp.aesgcm's opt-out, read for each new key
         elif name == "asbytes":
             os.environ["X2GO_SFTP_ASBYTES_FIX"] = "0"  # the opt-out, read when the tunnel is made
+        elif name == "maccmp":
+            os.environ["X2GO_SFTP_MAC_COMPARE_FIX"] = "0"  # the opt-out, read when the tunnel is made
         elif name not in ("nodelay", "command") and name:
             raise SystemExit(f"unknown optimisation {name!r}")
 
