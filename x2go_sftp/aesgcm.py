@@ -36,7 +36,6 @@ OpenSSL context, never a wait.
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 import cryptography
@@ -168,7 +167,10 @@ class ReusedGcm:
         self._plain = AESGCM(self._key)
         self._binding = binding
         self._contexts: list[_Context | None] = [None, None]  # sealing, opening: made at first use
-        self._busy = threading.Lock()
+        # The one token for the kept contexts: taken with list.pop(), which is one
+        # atomic operation (it never waits, and costs no Python call under gevent,
+        # where a lock's acquire does); whoever finds it gone uses a plain AESGCM.
+        self._busy: list[None] = [None]
 
     def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
         return self._run(_SEAL, nonce, data, associated_data)
@@ -178,9 +180,13 @@ class ReusedGcm:
 
     def _run(self, way: int, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
         """Seal or open on this key's kept context for ``way``; on a plain ``AESGCM`` if it is not for that."""
-        if len(nonce) != NONCE or len(data) > _MAX_TEXT + way * TAG or not self._busy.acquire(False):
-            plain = self._plain
-            return (plain.decrypt if way == _OPEN else plain.encrypt)(nonce, data, associated_data)
+        busy = self._busy
+        if len(nonce) != NONCE or len(data) > _MAX_TEXT + way * TAG or not busy:
+            return self._on_plain(way, nonce, data, associated_data)
+        try:
+            busy.pop()
+        except IndexError:  # taken between the look and the pop
+            return self._on_plain(way, nonce, data, associated_data)
         try:
             ctx = self._contexts[way]
             if ctx is None:
@@ -188,7 +194,11 @@ class ReusedGcm:
             aad = associated_data or b""
             return ctx.decrypt(nonce, data, aad) if way == _OPEN else ctx.encrypt(nonce, data, aad)
         finally:
-            self._busy.release()
+            busy.append(None)
+
+    def _on_plain(self, way: int, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        plain = self._plain
+        return plain.decrypt(nonce, data, associated_data) if way == _OPEN else plain.encrypt(nonce, data, associated_data)
 
 
 def _self_test(binding: tuple[Any, Any]) -> bool:

@@ -289,12 +289,17 @@ class Exports:
     """The set of exports of one tunnel; safe to change while sessions run.
 
     The first export added is "home": relative paths, ``.`` and ``~`` resolve there.
+
+    Changes replace the tuple of exports whole, one change at a time (under a
+    lock); a request reads the tuple it finds, without a lock (every request
+    asks three times, and under gevent a lock is a Python call).  So a request
+    sees the exports as they were before a change or after it, never between.
     """
 
     def __init__(self, paths: Iterable[str | tuple[str, bool]] = (), client_os: str = X2GOCLIENT_OS):
         self.client_os = client_os
         self._lock = threading.Lock()
-        self._exports: list[Export] = []
+        self._exports: tuple[Export, ...] = ()  # never changed in place: replaced whole
         for item in paths:
             if isinstance(item, tuple):
                 self.add(item[0], read_only=item[1])
@@ -306,8 +311,7 @@ class Exports:
         export = Export(path, read_only=read_only, client_os=self.client_os)
         with self._lock:
             old = [e for e in self._exports if e.sftp_path == export.sftp_path]
-            self._exports = [e for e in self._exports if e.sftp_path != export.sftp_path]
-            self._exports.append(export)
+            self._exports = (*(e for e in self._exports if e.sftp_path != export.sftp_path), export)
         for e in old:
             e.close()
         return export
@@ -317,7 +321,7 @@ class Exports:
         name = local_to_sftp(path, self.client_os)
         with self._lock:
             gone = [e for e in self._exports if e.sftp_path == name]
-            self._exports = [e for e in self._exports if e.sftp_path != name]
+            self._exports = tuple(e for e in self._exports if e.sftp_path != name)
         for e in gone:
             e.close()
         return bool(gone)
@@ -325,13 +329,12 @@ class Exports:
     def clear(self) -> None:
         """Remove every export."""
         with self._lock:
-            gone, self._exports = self._exports, []
+            gone, self._exports = self._exports, ()
         for e in gone:
             e.close()
 
     def __iter__(self) -> Iterator[Export]:
-        with self._lock:
-            return iter(list(self._exports))
+        return iter(self._exports)
 
     def __len__(self) -> int:
         return len(self._exports)
@@ -339,8 +342,8 @@ class Exports:
     @property
     def home(self) -> str | None:
         """SFTP name of the first export, or None when nothing is exported."""
-        with self._lock:
-            return self._exports[0].sftp_path if self._exports else None
+        exports = self._exports
+        return exports[0].sftp_path if exports else None
 
     def normalize(self, path: str) -> str:
         """Absolute normalised SFTP path for a client path (relative to home)."""
@@ -358,11 +361,10 @@ class Exports:
         """
         parts = split_components(path)
         best: Export | None = None
-        with self._lock:
-            for export in self._exports:
-                n = len(export.components)
-                if tuple(parts[:n]) == export.components and (best is None or n > len(best.components)):
-                    best = export
+        for export in self._exports:
+            n = len(export.components)
+            if tuple(parts[:n]) == export.components and (best is None or n > len(best.components)):
+                best = export
         if best is None:
             raise PermissionError(errno.EACCES, "outside the exported folders")
         below = parts[len(best.components) :]
@@ -378,8 +380,7 @@ class Exports:
         One ``stat`` per component of each exported path; asked only when a
         directory is about to be renamed or removed.
         """
-        with self._lock:
-            exports = list(self._exports)
+        exports = self._exports
         out: set[tuple[int, int]] = set()
         for export in exports:
             out.add(export.root_id)
@@ -407,8 +408,7 @@ class Exports:
         through another export reaches it.  A missing path keeps its last
         identity: stricter, never looser.
         """
-        with self._lock:
-            exports = list(self._exports)
+        exports = self._exports
         if len(exports) > 1:
             for export in exports:
                 with contextlib.suppress(OSError):
