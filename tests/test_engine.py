@@ -1210,3 +1210,96 @@ def test_replies_match_openssh_sftp_server(raw: RawSFTP, export_dir: str) -> Non
         proc.kill()
         proc.wait(10)
         theirs.chan.close()
+
+
+# -- framing: requests cut anywhere in the input ---------------------------------------
+class _PieceSocket:
+    """The engine's input as given pieces (None: a packet that brought no input), replies collected."""
+
+    out_max_packet_size = 32768
+
+    def __init__(self, pieces: list[Any]) -> None:
+        self.pieces = list(pieces)
+        self.sent = bytearray()
+
+    class _Transport:
+        def get_log_channel(self) -> str:
+            return "x2go_sftp.test"
+
+        def get_hexdump(self) -> bool:
+            return False
+
+    def get_transport(self) -> Any:
+        return self._Transport()
+
+    def recv(self, nbytes: int) -> Any:
+        if not self.pieces:
+            return b""
+        piece = self.pieces.pop(0)
+        assert piece is None or len(piece) <= nbytes
+        return piece
+
+    def recv_ready(self) -> bool:
+        return bool(self.pieces)
+
+    def send(self, data: bytes) -> int:
+        self.sent += data
+        return len(data)
+
+
+def _serve_pieces(export: str, pieces: list[Any]) -> bytes:
+    sock = _PieceSocket(pieces)
+    engine = eng.SFTPEngine(sock, "sftp", object(), JailedSFTPServer, exports=Exports([export]))
+    engine.start_subsystem("sftp", None, sock)  # type: ignore[arg-type]
+    engine.finish_subsystem()
+    return bytes(sock.sent)
+
+
+def _cut(stream: bytes, sizes: Callable[[int], int], view: bool) -> list[Any]:
+    pieces: list[Any] = []
+    pos = i = 0
+    while pos < len(stream):
+        n = sizes(i)
+        piece = stream[pos:pos + n]
+        pieces.append(memoryview(b"\xee" + piece + b"\xee")[1:-1] if view else piece)
+        if i % 5 == 4:
+            pieces.append(None)
+        pos, i = pos + n, i + 1
+    return pieces
+
+
+def test_requests_cut_anywhere_in_the_input_get_the_same_replies(tmp_path: Path) -> None:
+    """However the input is cut (one byte at a time, across every boundary, as views of larger
+    buffers, with packets that bring nothing in between), every request is parsed the same."""
+    export = tmp_path / "export"
+    export.mkdir()
+
+    def packet(t: int, body: bytes) -> bytes:
+        return u32(len(body) + 1) + bytes((t,)) + body
+
+    payloads = [b"", b"x", os.urandom(4099), os.urandom(32768), os.urandom(40000)]
+    stream = packet(INIT, u32(3))
+    stream += packet(OPEN, u32(1) + s(f"{export}/f") + u32(F_WRITE | F_CREAT | F_TRUNC) + u32(0))
+    offset = 0
+    for i, data in enumerate(payloads):
+        stream += packet(WRITE, u32(10 + i) + s(b"hx1") + u64(offset) + s(data))
+        offset += len(data)
+    stream += packet(REALPATH, u32(30) + s("."))  # (attributes would carry the times of each run)
+    stream += packet(CLOSE, u32(31) + s(b"hx1"))
+    stream += packet(LSTAT, u32(32) + s(f"{export}/absent"))
+
+    whole = _serve_pieces(str(export), [stream])
+    assert (export / "f").read_bytes() == b"".join(payloads)
+    replies = whole[9:]  # after VERSION's length, type and version
+    assert replies.count(bytes((STATUS,))) >= len(payloads)
+    cuttings = {
+        "bytes": lambda i: 1,
+        "sevens": lambda i: 7,
+        "around packets": lambda i: (32700, 13, 5, 4099)[i % 4],
+        "large": lambda i: 100_000,
+    }
+    for name, sizes in cuttings.items():
+        for view in (False, True):
+            (export / "f").unlink()
+            assert _serve_pieces(str(export), _cut(stream, sizes, view)) == whole, (name, view)
+            assert (export / "f").read_bytes() == b"".join(payloads), (name, view)

@@ -238,7 +238,7 @@ class SFTPEngine(paramiko.SFTPServer):
         self.xlog = log.tagged(kwargs.get("logger"), "sftp")
         self.username: str | None = getattr(server, "username", None)
         # Unparsed input (from _in_pos on) and replies not yet sent, see _send().
-        self._in = b""
+        self._in = memoryview(b"")
         self._in_pos = 0
         self._out: list[bytes] = []
         self._out_len = 0
@@ -285,19 +285,33 @@ class SFTPEngine(paramiko.SFTPServer):
         return callable(impl) and impl is not getattr(paramiko.SFTPServerInterface, method, None)
 
     # -- framing -------------------------------------------------------------
-    def _read_packet(self) -> tuple[int, bytes]:
-        (size,) = U32.unpack(self._read_all(4))
+    def _read_packet(self) -> bytes:
+        """The next packet, from its type byte on (its length checked and taken off)."""
+        (size,) = U32.unpack(self._take(4))
         if size > MAX_PACKET_LENGTH:
             raise PacketTooLarge(f"packet of {size} bytes exceeds {MAX_PACKET_LENGTH}")
         if size == 0:
             raise BadMessage("empty packet")
-        data = self._read_all(size)
+        packet = self._take(size)
         self.bytes_in += 4 + size
-        return data[0], data[1:]
+        return packet
 
-    def _read_all(self, n: int) -> bytes:
-        """The next ``n`` input bytes; sends the held replies before it would wait for input."""
-        while len(self._in) - self._in_pos < n:
+    def _take(self, n: int) -> bytes:
+        """The next ``n`` input bytes, copied once at most; sends the held replies before it would wait for input.
+
+        Input pieces (bytes, or views of the fast path's decrypted packets)
+        are kept as views: a request inside one piece is one copy of itself,
+        one spanning pieces one join of the parts, and nothing is copied to
+        keep what follows it.
+        """
+        piece, pos = self._in, self._in_pos
+        end = pos + n
+        if end <= len(piece):
+            self._in_pos = end
+            return piece[pos:end].tobytes()
+        parts = [piece[pos:]]
+        need = end - len(piece)
+        while True:
             if self._out and not self._input_ready():
                 self._flush()
             chunk = (self._io or self.sock).recv(RECV_CHUNK)
@@ -305,11 +319,13 @@ class SFTPEngine(paramiko.SFTPServer):
                 continue  # a packet without input for us: look again at what is held
             if not chunk:
                 raise EOFError()
-            self._in = self._in[self._in_pos:] + chunk if self._in_pos < len(self._in) else chunk
-            self._in_pos = 0
-        start = self._in_pos
-        self._in_pos = start + n
-        return self._in[start:start + n]
+            view = memoryview(chunk)
+            if len(view) >= need:
+                parts.append(view[:need])
+                self._in, self._in_pos = view, need
+                return b"".join(parts)
+            parts.append(view)
+            need -= len(view)
 
     def _input_ready(self) -> bool:
         """True if the channel has input now (a socket without ``recv_ready`` never claims so)."""
@@ -325,7 +341,7 @@ class SFTPEngine(paramiko.SFTPServer):
         one: a run of WRITE replies leaves as one SSH packet instead of one
         each, and READ replies fill whole packets instead of a full one plus a
         runt each.  Nothing waits longer than the processing of requests that
-        were already here (``_read_all`` flushes before it would block).
+        were already here (``_take`` flushes before it would block).
         """
         reply = U32.pack(len(body) + 1) + bytes((t,)) + body
         self._out.append(reply)
@@ -363,7 +379,7 @@ class SFTPEngine(paramiko.SFTPServer):
         self.sock = channel
         self._tell_observer("session_started")
         try:
-            t, _ = self._read_packet()
+            t = self._read_packet()[0]
             if t != CMD_INIT:
                 raise BadMessage(f"expected INIT, got packet type {t}")
             body = [U32.pack(SFTP_VERSION)]
@@ -381,7 +397,7 @@ class SFTPEngine(paramiko.SFTPServer):
     def _serve(self, channel: paramiko.Channel) -> None:
         while True:
             try:
-                t, data = self._read_packet()
+                packet = self._read_packet()
             except EOFError:
                 return
             except PacketTooLarge as e:
@@ -393,13 +409,14 @@ class SFTPEngine(paramiko.SFTPServer):
             except Exception as e:  # socket errors, a closed channel
                 self.xlog(f"sFTP session on {channel} ended: {e}", loglevel=log.loglevel_DEBUG)
                 return
-            if len(data) < 4:
+            if len(packet) < 5:
                 self._fatal(channel, "packet without request id", EXIT_PROTOCOL_ERROR)
                 return
-            request_number = U32.unpack_from(data)[0]
+            t = packet[0]
+            request_number = U32.unpack_from(packet, 1)[0]
             # Lines a client can provoke at will are rate-limited process-wide.
             try:
-                self._process(t, request_number, Reader(data, 4))
+                self._process(t, request_number, Reader(packet, 5))
             except BadMessage as e:
                 log.limited(self.xlog, _BAD_INPUT_LOG, f"sFTP {CMD_NAMES.get(t, t)} #{request_number}: {e}",
                             log.loglevel_INFO)

@@ -262,7 +262,7 @@ class SessionIO:
         # exchange, and any key exchange message hands the transport back first).
         self._out_mode = self._in_mode = ""
         self._pad_extra = 0  # 4 where the length field is encrypted too (AES-CTR without -etm)
-        self._pending: list[bytes] = []  # data read while waiting for window on the fast path
+        self._pending: list[bytes | memoryview] = []  # data read while waiting for window on the fast path
         self._pending_bytes = 0
         self._rekey_due = False
         self._sending = False  # in a send through paramiko (see _take_offer_or_mark_sending)
@@ -345,7 +345,7 @@ class SessionIO:
             take()
 
     # -- input ---------------------------------------------------------------
-    def recv(self, nbytes: int) -> bytes | None:
+    def recv(self, nbytes: int) -> bytes | memoryview | None:
         """Input for the engine: data, b"" at EOF, or None when a packet brought none.
 
         None lets the engine look again at whether to send what it holds
@@ -369,7 +369,7 @@ class SessionIO:
             self._consumed(len(data))
         return data
 
-    def _lean_step(self) -> bytes | None:
+    def _lean_step(self) -> bytes | memoryview | None:
         """Hand back if a rekey is due (None); else one packet: its data for the engine, or None."""
         if self._rekey_due:
             self._give_back(rekey=True)
@@ -399,7 +399,7 @@ class SessionIO:
             return bool(self.sock.read_buffered() or self.sock.recv_ready())
         return bool(self.chan.recv_ready())
 
-    def _lean_read(self) -> bytes | None:
+    def _lean_read(self) -> bytes | memoryview | None:
         """One packet on the fast path: its data, b"" at EOF, or None (nothing for the engine)."""
         assert self.pk is not None
         plain, seq = self._read_packet()
@@ -409,8 +409,9 @@ class SessionIO:
             if recipient == self.chan.chanid and 10 + size + pad <= len(plain) and pad >= 4:
                 self.packets_in += 1
                 # The window opens as the engine takes the data (recv), not before:
-                # what waits in _pending stays within the window we gave.
-                return plain[10:10 + size] if size else None
+                # what waits in _pending stays within the window we gave.  A view:
+                # the engine copies each request out once (SFTPEngine._take).
+                return memoryview(plain)[10:10 + size] if size else None
         elif len(plain) >= 10 and plain[1] == MSG_CHANNEL_WINDOW_ADJUST:
             recipient, nbytes = struct.unpack_from(">II", plain, 2)
             if recipient == self.chan.chanid:
@@ -549,7 +550,7 @@ class SessionIO:
             if self.chan.out_window_size > 0:
                 return
 
-    def _hold(self, data: bytes) -> None:
+    def _hold(self, data: bytes | memoryview) -> None:
         """Keep input for the engine's next ``recv``: never more than the window we gave the client.
 
         Held input is not acknowledged yet, so a client within its window
