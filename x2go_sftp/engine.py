@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -194,6 +195,10 @@ _HANDLE_CAP_LOG = log.RateLimiter()
 # header and data), instead of two reads per request.
 RECV_CHUNK = 256 * 1024
 
+# A reply's length and type; a DATA reply's length, type, request id and data length.
+_REPLY_HEAD = struct.Struct(">IB")
+_DATA_HEAD = struct.Struct(">IBII")
+
 # paramiko's Channel sends at most out_max_packet_size - 64 bytes per packet.
 _CHANNEL_PACKET_SLACK = 64
 
@@ -343,35 +348,42 @@ class SFTPEngine(paramiko.SFTPServer):
         runt each.  Nothing waits longer than the processing of requests that
         were already here (``_take`` flushes before it would block).
         """
-        reply = U32.pack(len(body) + 1) + bytes((t,)) + body
-        self._out.append(reply)
-        self._out_len += len(reply)
+        self._queue(_REPLY_HEAD.pack(len(body) + 1, t), body)
+
+    def _queue(self, head: bytes, body: bytes) -> None:
+        """Queue a reply as its head and body, uncopied: :meth:`_flush` joins what it sends, once."""
+        self._out += (head, body)
+        self._out_len += len(head) + len(body)
         if not self.hold_replies:
             self._flush()
         elif self._out_len >= self._packet_payload():
             self._flush(whole_packets=True)
 
-    def _write_all(self, out: bytes) -> None:
+    def _write_all(self, out: bytes | memoryview) -> None:
         if self._io is not None:
             self._io.sendall(out)
         else:
-            paramiko_compat.sftp_write_all(self, out)
+            paramiko_compat.sftp_write_all(self, bytes(out))  # always bytes here (no copy)
 
     def _packet_payload(self) -> int:
         return max(getattr(self.sock, "out_max_packet_size", 32768) - _CHANNEL_PACKET_SLACK, 1024)
 
     def _flush(self, whole_packets: bool = False) -> None:
         """Send the queued replies (only whole channel packets' worth if ``whole_packets``)."""
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        data = b"".join(self._out)
+        out: bytes | memoryview = data
         keep = b""
         if whole_packets:
             cut = len(data) - len(data) % self._packet_payload()
-            data, keep = data[:cut], data[cut:]
+            if cut < len(data):
+                keep = data[cut:]
+                # The fast path takes a view; paramiko's channel gets bytes, as always.
+                out = memoryview(data)[:cut] if self._io is not None else data[:cut]
         self._out = [keep] if keep else []
         self._out_len = len(keep)
-        self.bytes_out += len(data)
+        self.bytes_out += len(out)
         try:
-            self._write_all(data)
+            self._write_all(out)
         except (OSError, EOFError) as e:
             raise ChannelGone(str(e) or type(e).__name__) from e
 
@@ -608,7 +620,8 @@ class SFTPEngine(paramiko.SFTPServer):
             if not data:
                 self._send_status(request_number, SFTP_EOF)
                 return
-            self._send(CMD_DATA, U32.pack(request_number) + pack_string(bytes(data)))
+            body = data if type(data) is bytes else bytes(data)
+            self._queue(_DATA_HEAD.pack(len(body) + 9, CMD_DATA, request_number, len(body)), body)
         else:
             self._send_status(request_number, data)
 

@@ -516,7 +516,7 @@ class SessionIO:
         self.pk.give_back(pushback, rekey)
 
     # -- output ---------------------------------------------------------------
-    def sendall(self, data: bytes) -> None:
+    def sendall(self, data: bytes | memoryview) -> None:
         chan = self.chan
         view = memoryview(data)
         while view:
