@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -253,6 +256,49 @@ def test_root_pinned_until_last_release(tmp_path: Any) -> None:
     with pytest.raises(OSError) as e:
         os.fstat(fd2)
     assert e.value.errno == errno.EBADF
+
+
+@pytest.fixture
+def frequent_thread_switches() -> Iterator[None]:
+    """Switch threads every microsecond (not every 5 ms), so that races show within a test."""
+    was = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(was)
+
+
+def test_lookups_never_see_exports_half_changed(tmp_path: Any, frequent_thread_switches: None) -> None:
+    """Requests read the exports without a lock while others are added, replaced and removed:
+    each lookup sees them before a change or after it, never an export missing in between."""
+    shared, other = tmp_path / "shared", tmp_path / "other"
+    shared.mkdir()
+    other.mkdir()
+    ex = Exports([str(shared)])
+    path = ex.normalize(local_to_sftp(str(shared)) + "/dir/file")
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            ex.add(str(shared))  # replaces the export of that name
+            ex.add(str(other))
+            ex.remove(str(other))
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    missing = 0
+    try:
+        for _ in range(20_000):
+            try:
+                export, below = ex.find(path)
+            except PermissionError:
+                missing += 1
+                continue
+            assert export.local_path == str(shared) and below == ["dir", "file"]
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert missing == 0
 
 
 def test_add_replace_remove(tmp_path: Any) -> None:
