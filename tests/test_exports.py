@@ -301,6 +301,19 @@ def test_lookups_never_see_exports_half_changed(tmp_path: Any, frequent_thread_s
     assert missing == 0
 
 
+def test_replacing_the_first_export_keeps_it_home(tmp_path: Any) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    ex = Exports([str(first), str(second)])
+    home = ex.home
+    assert home == local_to_sftp(str(first))
+    ex.add(str(first), read_only=True)
+    assert ex.home == home and len(ex) == 2
+    assert [e.local_path for e in ex] == [str(first), str(second)]
+    assert ex.find(ex.normalize("x"))[0].read_only
+
+
 def test_add_replace_remove(tmp_path: Any) -> None:
     ex = Exports()
     first = ex.add(str(tmp_path))

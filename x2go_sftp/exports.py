@@ -307,11 +307,17 @@ class Exports:
                 self.add(item)
 
     def add(self, path: str, read_only: bool = False) -> Export:
-        """Export the existing directory ``path`` (replacing an export of the same name)."""
+        """Export the existing directory ``path``; an export of the same name is replaced where it stands.
+
+        (So replacing the first export, e.g. to make it read-only, keeps it "home".)
+        """
         export = Export(path, read_only=read_only, client_os=self.client_os)
         with self._lock:
             old = [e for e in self._exports if e.sftp_path == export.sftp_path]
-            self._exports = (*(e for e in self._exports if e.sftp_path != export.sftp_path), export)
+            if old:  # names are unique: the one of that name, in its place
+                self._exports = tuple(export if e.sftp_path == export.sftp_path else e for e in self._exports)
+            else:
+                self._exports = (*self._exports, export)
         for e in old:
             e.close()
         return export
