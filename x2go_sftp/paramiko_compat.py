@@ -1216,10 +1216,59 @@ import sys  # noqa: E402  (this section's own import, kept beside it)
 ASBYTES_FIX_ENV = "X2GO_SFTP_ASBYTES_FIX"
 """Environment variable: ``0``, ``no``, ``off`` or ``false`` keeps paramiko's own ``asbytes``."""
 
-_ASBYTES_LOG_TAG = "paramiko-compat"
-_asbytes_lock = threading.Lock()
-# paramiko's own function while the fix is applied, else None.
-_asbytes_original: Callable[[Any], Any] | None = None
+
+
+class _Rebinding:
+    """One paramiko function rebound, process-wide, to one with the same results: idempotent, undoable.
+
+    ``attr`` is the name paramiko's modules bind it under; ``env`` the
+    environment variable whose ``0``/``no``/``off``/``false`` keeps paramiko's.
+    """
+
+    def __init__(self, attr: str, env: str) -> None:
+        self.attr, self.env = attr, env
+        self._lock = threading.Lock()
+        # paramiko's own function and the one bound in its place, while applied.
+        self.original: Callable[..., Any] | None = None
+        self.replacement: Callable[..., Any] | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.original is not None
+
+    def apply(self, find: Callable[[], Callable[..., Any] | None], fits: Callable[[Callable[..., Any]], bool],
+              make: Callable[[Callable[..., Any]], Callable[..., Any]], logger: log.LoggerLike | None,
+              what: str) -> bool:
+        """Bind ``make(original)`` where paramiko bound ``find()``'s function, if ``fits`` it; True if in effect."""
+        if _opted_out(self.env):
+            return self.applied
+        with self._lock:
+            if self.original is not None:
+                return True
+            original = find()
+            if original is None or not fits(original):
+                return False
+            replacement = make(original)
+            bound = _rebind(self.attr, original, replacement)
+            self.original, self.replacement = original, replacement
+        log.tagged(logger, _LOG_TAG)(
+            f"paramiko {getattr(paramiko, '__version__', '?')}: {what} in {', '.join(bound)} "
+            f"(opt out: {self.env}=0)",
+            loglevel=log.loglevel_INFO,
+        )
+        return True
+
+    def restore(self) -> bool:
+        """paramiko's own function again in every module bound to the replacement (those imported since too)."""
+        with self._lock:
+            if self.original is None:
+                return False
+            _rebind(self.attr, self.replacement, self.original)
+            self.original = self.replacement = None
+        return True
+
+
+_ASBYTES = _Rebinding("asbytes", ASBYTES_FIX_ENV)
 
 
 def asbytes_without_repr(s: Any) -> Any:
@@ -1261,8 +1310,8 @@ class _WithAsbytes:
 
 def paramiko_asbytes() -> Callable[[Any], Any] | None:
     """paramiko's own ``asbytes``: from ``common`` (2.x) or ``util`` (3.x and later), even while fixed."""
-    if _asbytes_original is not None:
-        return _asbytes_original
+    if _ASBYTES.original is not None:
+        return _ASBYTES.original
     for module in (getattr(paramiko, "common", None), getattr(paramiko, "util", None)):
         func = getattr(module, "asbytes", None)
         if callable(func):
@@ -1321,7 +1370,7 @@ def _rebind(attr: str, old: Any, new: Any) -> list[str]:
 
 def asbytes_fix_applied() -> bool:
     """True while :func:`fix_asbytes` is in effect."""
-    return _asbytes_original is not None
+    return _ASBYTES.applied
 
 
 def fix_asbytes(logger: log.LoggerLike | None = None) -> bool:
@@ -1337,23 +1386,9 @@ def fix_asbytes(logger: log.LoggerLike | None = None) -> bool:
     Returns:
         True if the fix is in effect after the call.
     """
-    global _asbytes_original
-    if _opted_out(ASBYTES_FIX_ENV):
-        return asbytes_fix_applied()
-    with _asbytes_lock:
-        if _asbytes_original is not None:
-            return True
-        original = paramiko_asbytes()
-        if original is None or not asbytes_formats_repr(original) or not _behaves_as_2x(original):
-            return False
-        bound = _rebind("asbytes", original, asbytes_without_repr)
-        _asbytes_original = original
-    log.tagged(logger, _ASBYTES_LOG_TAG)(
-        f"paramiko {getattr(paramiko, '__version__', '?')}: asbytes() formatted the repr of every packet "
-        f"sent; now bound without it in {', '.join(bound)} (opt out: {ASBYTES_FIX_ENV}=0)",
-        loglevel=log.loglevel_INFO,
-    )
-    return True
+    return _ASBYTES.apply(
+        paramiko_asbytes, lambda f: asbytes_formats_repr(f) and _behaves_as_2x(f), lambda f: asbytes_without_repr,
+        logger, "asbytes() formatted the repr of every packet sent; now bound without it")
 
 
 def restore_asbytes() -> bool:
@@ -1364,15 +1399,7 @@ def restore_asbytes() -> bool:
     Returns:
         True if something was undone.
     """
-    global _asbytes_original
-    with _asbytes_lock:
-        original = _asbytes_original
-        if original is None:
-            return False
-        # Modules imported after the fix bound it too: look at every one.
-        _rebind("asbytes", asbytes_without_repr, original)
-        _asbytes_original = None
-    return True
+    return _ASBYTES.restore()
 
 
 # -- every paramiko: the MAC of each packet received, compared in a Python loop ---------
@@ -1399,18 +1426,14 @@ def restore_asbytes() -> bool:
 MAC_COMPARE_FIX_ENV = "X2GO_SFTP_MAC_COMPARE_FIX"
 """Environment variable: ``0``, ``no``, ``off`` or ``false`` keeps paramiko's own MAC comparison."""
 
-_MAC_NAME = "constant_time_bytes_eq"
-_mac_lock = threading.Lock()
-# paramiko's own function and the one bound in its place while the fix is applied, else None.
-_mac_original: Callable[[Any, Any], bool] | None = None
-_mac_fixed: Callable[[Any, Any], bool] | None = None
+_MAC = _Rebinding("constant_time_bytes_eq", MAC_COMPARE_FIX_ENV)
 
 
 def paramiko_mac_compare() -> Callable[[Any, Any], bool] | None:
     """paramiko's own ``util.constant_time_bytes_eq``, even while fixed."""
-    if _mac_original is not None:
-        return _mac_original
-    func = getattr(getattr(paramiko, "util", None), _MAC_NAME, None)
+    if _MAC.original is not None:
+        return _MAC.original
+    func = getattr(getattr(paramiko, "util", None), _MAC.attr, None)
     return func if callable(func) else None
 
 
@@ -1438,7 +1461,7 @@ def _compares_as_equality(func: Callable[[Any, Any], bool]) -> bool:
 
 def mac_compare_fix_applied() -> bool:
     """True while :func:`fix_mac_compare` is in effect."""
-    return _mac_original is not None
+    return _MAC.applied
 
 
 def fix_mac_compare(logger: log.LoggerLike | None = None) -> bool:
@@ -1454,24 +1477,9 @@ def fix_mac_compare(logger: log.LoggerLike | None = None) -> bool:
     Returns:
         True if the fix is in effect after the call.
     """
-    global _mac_original, _mac_fixed
-    if _opted_out(MAC_COMPARE_FIX_ENV):
-        return mac_compare_fix_applied()
-    with _mac_lock:
-        if _mac_original is not None:
-            return True
-        original = paramiko_mac_compare()
-        if original is None or original is hmac.compare_digest or not _compares_as_equality(original):
-            return False
-        fixed = mac_compare(original)
-        bound = _rebind(_MAC_NAME, original, fixed)
-        _mac_original, _mac_fixed = original, fixed
-    log.tagged(logger, _LOG_TAG)(
-        f"paramiko {getattr(paramiko, '__version__', '?')}: the MAC of each packet received is compared "
-        f"with hmac.compare_digest, not a Python loop, in {', '.join(bound)} (opt out: {MAC_COMPARE_FIX_ENV}=0)",
-        loglevel=log.loglevel_INFO,
-    )
-    return True
+    return _MAC.apply(
+        paramiko_mac_compare, lambda f: f is not hmac.compare_digest and _compares_as_equality(f), mac_compare,
+        logger, "the MAC of each packet received is compared with hmac.compare_digest, not a Python loop")
 
 
 def restore_mac_compare() -> bool:
@@ -1480,13 +1488,7 @@ def restore_mac_compare() -> bool:
     Returns:
         True if something was undone.
     """
-    global _mac_original, _mac_fixed
-    with _mac_lock:
-        if _mac_original is None:
-            return False
-        _rebind(_MAC_NAME, _mac_fixed, _mac_original)
-        _mac_original = _mac_fixed = None
-    return True
+    return _MAC.restore()
 
 
 def fix_speed_defects(logger: log.LoggerLike | None = None) -> dict[str, bool]:
