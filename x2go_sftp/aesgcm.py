@@ -180,12 +180,12 @@ class ReusedGcm:
 
     def _run(self, way: int, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
         """Seal or open on this key's kept context for ``way``; on a plain ``AESGCM`` if it is not for that."""
-        busy = self._busy
-        if len(nonce) != NONCE or len(data) > _MAX_TEXT + way * TAG or not busy:
+        if len(nonce) != NONCE or len(data) > _MAX_TEXT + way * TAG:
             return self._on_plain(way, nonce, data, associated_data)
+        busy = self._busy
         try:
             busy.pop()
-        except IndexError:  # taken between the look and the pop
+        except IndexError:  # another thread has the contexts
             return self._on_plain(way, nonce, data, associated_data)
         try:
             ctx = self._contexts[way]
