@@ -27,6 +27,37 @@ def step(name: str) -> None:
     sys.stdout.flush()
 
 
+class Sessions:
+    """The tunnel's session observer: the engines of the sessions running now."""
+
+    def __init__(self) -> None:
+        self.live: list = []
+
+    def session_started(self, engine) -> None:
+        self.live.append(engine)
+
+    def session_ended(self, engine) -> None:
+        self.live.remove(engine)
+
+
+def os_threads() -> int:
+    """Native threads of this process (under the patching, threading shows greenlets)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def wait_until(condition, timeout: float = 20.0) -> bool:
+    """Bounded polling of a real condition (cooperative: gevent's sleep)."""
+    import gevent
+
+    delay = 0.002
+    for _ in range(int(timeout / 0.1) + 20):
+        if condition():
+            return True
+        gevent.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return condition()
+
+
 def main() -> int:
     assert monkey.is_module_patched("threading") and monkey.is_module_patched("socket")
     user = current_local_user()
@@ -38,7 +69,9 @@ def main() -> int:
     server = LoopbackX2GoServer(host_key)
     outer = server.connect()
 
-    tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=key, exports=[folder], host_key=host_key)
+    sessions = Sessions()
+    tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=key, exports=[folder], host_key=host_key,
+                                   session_observer=sessions)
     tunnel.start()
     assert tunnel.wait_ready(30) and tunnel.forwarding
     step("ready")
@@ -51,6 +84,25 @@ def main() -> int:
     with client.open(folder + "/big", "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
     step("session")
+
+    # WRITEs go to a native thread (x2go_sftp.writebehind): pipelined, the
+    # file is right, the thread lives as long as the session and no longer.
+    threads_idle = os_threads()
+    t2, c2 = sftp_client(tunnel.server_port, key, user)
+    data = os.urandom(4 << 20)
+    with c2.open(folder + "/piped", "wb") as f:
+        f.set_pipelined(True)
+        for pos in range(0, len(data), 32768):
+            f.write(data[pos:pos + 32768])
+    assert os_threads() == threads_idle + 1
+    with open(os.path.join(folder, "piped"), "rb") as local:
+        assert hashlib.sha256(local.read()).digest() == hashlib.sha256(data).digest()
+    engine = sessions.live[-1]
+    assert engine.writes_behind >= len(data) // 32768, engine.writes_behind
+    t2.close()
+    assert wait_until(lambda: engine not in sessions.live and os_threads() == threads_idle)
+    os.unlink(os.path.join(folder, "piped"))
+    step("write-behind")
 
     echo = socket.socket()
     echo.bind(("127.0.0.1", 0))

@@ -19,9 +19,10 @@ def test_tunnel_under_gevent_monkey_patching():
         cwd=root,
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.split("\n")[:5] == [
+    assert res.stdout.split("\n")[:6] == [
         "ok ready",
         "ok session",
+        "ok write-behind",
         "ok routing",
         "ok pause-resume",
         "ok stopped",

@@ -247,12 +247,22 @@ class FileHandle(paramiko.SFTPHandle):
         except OSError as e:
             return from_oserror(e)
 
+    def fd_for_write(self, offset: int) -> int:
+        """The descriptor a WRITE at ``offset`` goes to, after the checks :meth:`write` makes.
+
+        For the engine's write-behind (:mod:`x2go_sftp.writebehind`), which
+        writes there itself; raises ``OSError`` where :meth:`write` would
+        return its status.
+        """
+        fd = self._live()
+        if self.read_only:
+            raise refused("read-only export")
+        _check_offset(offset)
+        return fd
+
     def write(self, offset: int, data: ReadableBuffer) -> int:
         try:
-            fd = self._live()
-            if self.read_only:
-                raise refused("read-only export")
-            _check_offset(offset)
+            fd = self.fd_for_write(offset)
             view = memoryview(data)
             while view:
                 n = os.pwrite(fd, view, offset)

@@ -91,7 +91,7 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 from paramiko.sftp_handle import SFTPHandle
 
-from . import log, paramiko_compat
+from . import log, paramiko_compat, writebehind
 from .attrs import (
     MAX_OFFSET,
     U32,
@@ -229,6 +229,11 @@ class SFTPEngine(paramiko.SFTPServer):
     # only to measure what it buys.
     hold_replies = True
 
+    # WRITEs finished on a native thread while the session reads on
+    # (x2go_sftp.writebehind): None is under gevent's monkey patching only;
+    # True or False forces it.  Needs a backend handle with fd_for_write().
+    write_behind: bool | None = None
+
     def __init__(self, channel: paramiko.Channel, name: str, server: paramiko.ServerInterface,
                  sftp_si: type = paramiko.SFTPServerInterface, *args: Any,
                  session_observer: Any = None, **kwargs: Any):
@@ -249,6 +254,10 @@ class SFTPEngine(paramiko.SFTPServer):
         self._out_len = 0
         # Where input comes from and replies go (a fastpath.SessionIO), if not the channel itself.
         self._io: Any = None
+        # WRITEs waiting for the worker (made at the first one), if this session writes behind.
+        self._behind_wanted = writebehind.wanted(self.write_behind)
+        self._behind: writebehind.WriteBehind | None = None
+        self.writes_behind = 0  # WRITEs that the worker finished
         self.requests: Counter[str] = Counter()
         self.exit_status = EXIT_OK
         # "ls -l" long names for READDIR and user/group names, with this session's caches.
@@ -317,7 +326,8 @@ class SFTPEngine(paramiko.SFTPServer):
         parts = [piece[pos:]]
         need = end - len(piece)
         while True:
-            if self._out and not self._input_ready():
+            if (self._out or (self._behind is not None and self._behind.pending)) and not self._input_ready():
+                self._settle()
                 self._flush()
             chunk = (self._io or self.sock).recv(RECV_CHUNK)
             if chunk is None:
@@ -462,12 +472,15 @@ class SFTPEngine(paramiko.SFTPServer):
 
     def _try_status(self, request_number: int, status: Status) -> bool:
         try:
+            self._settle()
             self._send_status(request_number, status)
             return True
         except Exception:
             return False
 
     def _process(self, t: int, request_number: int, req: Reader) -> None:
+        if t != CMD_WRITE and self._behind is not None and self._behind.pending:
+            self._settle()  # every other request sees the writes before it, and answers after them
         handler = self._handlers.get(t)
         if handler is None:
             # OpenSSH logs and drops an unknown request; an answer keeps the client from waiting forever.
@@ -482,6 +495,20 @@ class SFTPEngine(paramiko.SFTPServer):
 
     def finish_subsystem(self) -> None:
         """Close every handle this session still holds (each one, whatever the others do)."""
+        if self._behind is not None:
+            # Every pending write is finished (answered if the channel still
+            # takes it) before a handle is closed.
+            behind, self._behind = self._behind, None
+            try:
+                results = behind.close()
+            except BaseException:
+                # Interrupted (a killed greenlet): the worker finishes its
+                # queue on its own; the files stay open rather than let a
+                # write land in a descriptor number reused meanwhile.
+                self.file_table = {}
+                raise
+            with contextlib.suppress(Exception):  # the channel is already gone
+                self._answer_writes(results)
         if self._out:
             with contextlib.suppress(Exception):  # the channel is already gone
                 self._flush()  # replies to the requests before the one that ended the session
@@ -629,10 +656,40 @@ class SFTPEngine(paramiko.SFTPServer):
         handle = req.handle()
         offset = req.offset()
         data = req.string()
-        f = self._file(request_number, handle)
-        if f is None:
+        fd_for_write = getattr(self.file_table.get(handle), "fd_for_write", None)
+        if fd_for_write is None or not self._behind_wanted:
+            self._settle()
+            f = self._file(request_number, handle)
+            if f is None:
+                return
+            self._send_status(request_number, f.write(offset, data))
             return
-        self._send_status(request_number, f.write(offset, data))
+        try:
+            fd = fd_for_write(offset)
+        except OSError as e:
+            self._settle()
+            self._send_status(request_number, from_oserror(e))
+            return
+        behind = self._behind
+        if behind is None:
+            behind = self._behind = writebehind.WriteBehind()
+        self._answer_writes(behind.completed())
+        while not behind.has_room(len(data)):
+            behind.wait()
+            self._answer_writes(behind.completed())
+        behind.submit(request_number, fd, data, offset)
+        self.writes_behind += 1
+
+    def _settle(self) -> None:
+        """Wait for every pending WRITE and queue its reply."""
+        behind = self._behind
+        while behind is not None and behind.pending:
+            behind.wait()
+            self._answer_writes(behind.completed())
+
+    def _answer_writes(self, results: list[tuple[int, OSError | None]]) -> None:
+        for request_number, error in results:
+            self._send_status(request_number, SFTP_OK if error is None else from_oserror(error))
 
     def _do_path_status(self, method: str) -> Callable[[int, Reader], None]:
         def handler(request_number: int, req: Reader) -> None:
