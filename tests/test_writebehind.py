@@ -143,7 +143,7 @@ def _mixed_stream(export: Path) -> tuple[bytes, bytes, bytes]:
     # A handle not open for writing: each write fails in the worker (EBADF), each gets its own status.
     stream += packet(OPEN, u32(600) + s(f"{export}/readonly") + u32(F_READ) + u32(0))
     for i in range(3):
-        stream += write(601 + i, 10 * i, b"no", handle=b"hx2")
+        stream += write(601 + i, 10 * i, b"no" * writebehind.MIN_BYTES, handle=b"hx2")
     stream += packet(CLOSE, u32(610) + s(b"hx2"))
     return stream, at_read, bytes(expect)
 
@@ -154,7 +154,8 @@ def test_replies_and_files_are_those_of_a_one_at_a_time_server(export: Path) -> 
     plain_file = (export / "f").read_bytes()
     (export / "f").unlink()
     behind, engine = serve(export, stream, behind=True)
-    assert engine.writes_behind == 24 + 3 + 8 + 3  # the ones with a handle for writing went behind
+    # Behind: the 32 KiB ones, the small ones while others were pending, the large ones that fail.
+    assert engine.writes_behind == 24 + 2 + 8 + 3
     assert (export / "f").read_bytes() == plain_file == expect
     assert behind == plain
     got = replies(behind)
@@ -167,10 +168,15 @@ def test_replies_and_files_are_those_of_a_one_at_a_time_server(export: Path) -> 
         assert b"Bad file descriptor" in rest
 
 
-def test_off_when_not_forced_without_gevent(export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_off_without_gevent_for_small_writes_and_when_opted_out(export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stream, _, _ = _mixed_stream(export)
     _, engine = serve(export, stream, behind=None)
     assert engine.writes_behind == 0
+    small = (packet(OPEN, u32(1) + s(f"{export}/small") + u32(F_WRITE | F_CREAT) + u32(0))
+             + packet(WRITE, u32(2) + s(b"hx1") + u64(0) + s(b"x" * 100)) + packet(CLOSE, u32(3) + s(b"hx1")))
+    _, engine = serve(export, small, behind=True)
+    assert engine.writes_behind == 0  # a created file's few bytes: written at once, no thread
+    assert (export / "small").read_bytes() == b"x" * 100
     monkeypatch.setenv(writebehind.ENV, "0")
     _, engine = serve(export, stream, behind=True)
     assert engine.writes_behind == 0  # the opt-out wins
@@ -218,7 +224,7 @@ def _serve_in_thread(export: Path, stream: bytes) -> Iterator[threading.Thread]:
     assert not t.is_alive() and result
 
 
-@pytest.mark.parametrize(("count", "size"), [(40, 1024), (6, 200 * 1024)])
+@pytest.mark.parametrize(("count", "size"), [(40, writebehind.MIN_BYTES), (6, 200 * 1024)])
 def test_a_session_holds_a_bounded_number_of_pending_writes(
         export: Path, monkeypatch: pytest.MonkeyPatch, count: int, size: int) -> None:
     """With the worker held, the session stops taking WRITEs at MAX_PENDING_WRITES or MAX_PENDING_BYTES."""

@@ -657,7 +657,9 @@ class SFTPEngine(paramiko.SFTPServer):
         offset = req.offset()
         data = req.string()
         fd_for_write = getattr(self.file_table.get(handle), "fd_for_write", None)
-        if fd_for_write is None or not self._behind_wanted:
+        behind = self._behind
+        if (fd_for_write is None or not self._behind_wanted
+                or (len(data) < writebehind.MIN_BYTES and (behind is None or not behind.pending))):
             self._settle()
             f = self._file(request_number, handle)
             if f is None:
@@ -670,7 +672,6 @@ class SFTPEngine(paramiko.SFTPServer):
             self._settle()
             self._send_status(request_number, from_oserror(e))
             return
-        behind = self._behind
         if behind is None:
             behind = self._behind = writebehind.WriteBehind()
         self._answer_writes(behind.completed())

@@ -41,7 +41,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["MAX_PENDING_BYTES", "MAX_PENDING_WRITES", "WriteBehind", "wanted"]
+__all__ = ["MAX_PENDING_BYTES", "MAX_PENDING_WRITES", "MIN_BYTES", "WriteBehind", "wanted"]
 
 # At most this many WRITEs, holding at most this many bytes of data, wait for
 # a session's worker; the next WRITE first waits for the oldest.  OpenSSH's
@@ -51,6 +51,11 @@ __all__ = ["MAX_PENDING_BYTES", "MAX_PENDING_WRITES", "WriteBehind", "wanted"]
 # WRITE, up to engine.MAX_WRITE_LENGTH, is let through alone).
 MAX_PENDING_WRITES = 16
 MAX_PENDING_BYTES = 512 * 1024
+
+# A smaller WRITE while none is pending is written at once, in the session:
+# handing it to the worker and its result back costs more than its pwrite()
+# (a created file's few bytes, followed by CLOSE, gain nothing from a thread).
+MIN_BYTES = 8 * 1024
 
 # Contiguous WRITEs go to the kernel as one pwritev() of at most this many
 # buffers (Linux's IOV_MAX is 1024).
