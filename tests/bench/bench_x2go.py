@@ -22,6 +22,7 @@ and each mode:
   connection is rekeyed to prefer AES-GCM
 * ``ours-no-gcmctx``  ``ours`` with ``X2GO_SFTP_GCM_CONTEXT=0``: AES-GCM through
   cryptography's own ``AESGCM`` (matters on cryptography 38-42: Debian 12's 38.0.4)
+* ``ours-no-wb``  ``ours`` with ``X2GO_SFTP_WRITE_BEHIND=0``: every WRITE in the session's greenlet
 
 Each mode run is one fresh python-x2go process and X2Go session sharing one
 fresh folder; x2gomountdirs mounts it with sshfs on the server side, and the
@@ -82,7 +83,7 @@ INTERPRETERS = {
     "3.5.1": VENV_PYTHONS["paramiko-3.5"],
     "5.1": VENV_PYTHONS["paramiko-5.1"],
 }
-MODES = ("stock", "ours", "ours-gcm", "ours-no-gcmctx")
+MODES = ("stock", "ours", "ours-gcm", "ours-no-gcmctx", "ours-no-wb")
 BASELINE = "ours"
 
 
@@ -133,6 +134,8 @@ class Bench:
             extra["outer_gcm"] = True
         elif mode == "ours-no-gcmctx":  # ablation: cryptography's own AESGCM (x2go_sftp/aesgcm.py's opt-out)
             extra["env"] = {"X2GO_SFTP_GCM_CONTEXT": "0"}
+        elif mode == "ours-no-wb":  # ablation: WRITEs in the session's greenlet (x2go_sftp/writebehind.py's opt-out)
+            extra["env"] = {"X2GO_SFTP_WRITE_BEHIND": "0"}
         cfg = driver_config(self.server, work, "stock" if mode == "stock" else "ours", [str(share)], **extra)
         driver = Driver(python, cfg, work / "driver.stderr")
         sshfs_log = None
