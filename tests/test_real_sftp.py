@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from tests.realpeers import RealSSHD, require, run_sftp, write_key_files
+from tests.realpeers import RealSSHD, require, run_sftp, running_sshd, write_key_files
 from x2go_sftp import X2GoRevFwTunnelToSFTP
 from x2go_sftp import log as xlog
 from x2go_sftp.defaults import current_local_user
@@ -387,3 +388,43 @@ def rekey_both_clients(peer: Peer, tmp_path: Path, sshfs_mount: Callable[..., Pa
     (mnt / "rekey2.bin").write_bytes(data)
     assert (peer.export / "rekey2.bin").read_bytes() == data
     assert (mnt / "rekey.bin").read_bytes() == src.read_bytes()
+
+
+# AES-GCM as OpenSSH and paramiko name it (paramiko's own from 3.3 on, our backport before).
+GCM_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def test_outer_gcm_while_the_x2go_server_rekeys_every_256k(session_key: paramiko.RSAKey, host_key: paramiko.RSAKey,
+                                                          tmp_path: Path, sshfs_mount: Callable[..., Path],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """outer_gcm, and the X2Go server's sshd renews python-x2go's keys every 256 KiB (RekeyLimit):
+    the connection, on AES-GCM (paramiko's own from 3.3, our backport on 2.12), passes every
+    exchange while shared data crosses it both ways, and stays on AES-GCM."""
+    (tmp_path / "sshd").mkdir()
+    with running_sshd(tmp_path / "sshd", paramiko.RSAKey.generate(2048), "RekeyLimit 256K\n") as sshd:
+        outer = sshd.connect()
+        outer.set_log_channel("x2go_sftp.test.outer")
+        caplog.set_level(logging.DEBUG, logger="x2go_sftp.test.outer")
+        export = tmp_path / "export"
+        export.mkdir()
+        tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=session_key, exports=[str(export)], host_key=host_key,
+                                       outer_gcm=True)
+        tunnel.start()
+        try:
+            assert tunnel.wait_ready(30) and tunnel.forwarding
+            assert outer.local_cipher in GCM_CIPHERS and outer.remote_cipher in GCM_CIPHERS
+            keyfile, ident = write_key_files(tmp_path, session_key, host_key, tunnel.server_port)
+            mnt = sshfs_mount(tunnel.server_port, keyfile, ident, str(export))
+            up, down = os.urandom(6 * 1024 * 1024), os.urandom(6 * 1024 * 1024 + 7)
+            (mnt / "up.bin").write_bytes(up)
+            (export / "down.bin").write_bytes(down)
+            assert (mnt / "down.bin").read_bytes() == down
+            assert (export / "up.bin").read_bytes() == up
+            renewals = sum("Switch to new keys" in r.getMessage() for r in caplog.records
+                           if r.name == "x2go_sftp.test.outer")
+            assert renewals >= 20, renewals  # 12 MiB at 256 KiB, both directions counted by sshd
+            assert outer.is_active() and outer.local_cipher in GCM_CIPHERS
+        finally:
+            tunnel.stop_thread()
+            tunnel.join(10)
+            outer.close()

@@ -8,6 +8,7 @@ cleanly absent where paramiko lacks what it needs) and keeps data intact.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import socket
@@ -273,6 +274,20 @@ def test_outer_gcm_opt_in_rekeys_and_the_connection_keeps_working(make_tunnel, c
         f.write(payload)
     with client.open(f"{export_dir}/after-rekey.bin", "rb") as f:
         assert f.read() == payload
+
+
+def test_outer_gcm_rekeys_a_connection_once(make_tunnel, outer, export_dir, caplog):
+    """A second tunnel on a connection already on AES-GCM asks for no second key exchange."""
+    outer.set_log_channel("x2go_sftp.test.outer")
+    caplog.set_level(logging.DEBUG, logger="x2go_sftp.test.outer")
+
+    def exchanges() -> int:
+        return sum("Switch to new keys" in r.getMessage() for r in caplog.records if r.name == "x2go_sftp.test.outer")
+
+    make_tunnel([export_dir], outer_gcm=True)
+    assert outer.local_cipher == "aes128-gcm@openssh.com" and exchanges() == 1
+    make_tunnel([export_dir], outer_gcm=True)
+    assert exchanges() == 1
 
 
 # -- read-ahead socket under the inner transport ---------------------------------------

@@ -192,6 +192,8 @@ def rekey_outer_to_gcm(transport: paramiko.Transport, logger: log.LoggerLike | N
     gcm = gcm_ciphers(transport)  # paramiko < 3.3: the caller's transport gets the backport
     if not gcm:
         return False
+    if all(c in gcm for c in paramiko_compat.negotiated_ciphers(transport)):
+        return True  # already (another tunnel on this connection asked first): no second rekey
     options = transport.get_security_options()
     options.ciphers = gcm + tuple(c for c in options.ciphers if c not in gcm)
     try:
