@@ -17,9 +17,11 @@ temporary directory), and tests/x2go/driver.py runs the real python-x2go
 and each mode:
 
 * ``stock``     python-x2go as shipped (on paramiko 2.12 it cannot mount: reported as failed)
-* ``ours``      after ``x2go_sftp.integrate.install()``
-* ``ours-gcm``  after ``x2go_sftp.integrate.install(outer_gcm=True)``: python-x2go's own
-  connection is rekeyed to prefer AES-GCM
+* ``ours``      after ``x2go_sftp.integrate.install()``: python-x2go's own connection is
+  rekeyed to prefer AES-GCM (install()'s default, ``X2GO_SFTP_OUTER_GCM`` aside)
+* ``ours-ctr``  after ``install(outer_gcm=False)``: python-x2go's cipher as negotiated
+  (aes128-ctr with hmac-sha2-256 from paramiko)
+* ``ours-gcm``  after ``install(outer_gcm=True)``: the same as ``ours`` whatever the environment
 * ``ours-no-gcmctx``  ``ours`` with ``X2GO_SFTP_GCM_CONTEXT=0``: AES-GCM through
   cryptography's own ``AESGCM`` (matters on cryptography 38-42: Debian 12's 38.0.4)
 * ``ours-no-wb``  ``ours`` with ``X2GO_SFTP_WRITE_BEHIND=0``: every WRITE in the session's greenlet
@@ -83,7 +85,7 @@ INTERPRETERS = {
     "3.5.1": VENV_PYTHONS["paramiko-3.5"],
     "5.1": VENV_PYTHONS["paramiko-5.1"],
 }
-MODES = ("stock", "ours", "ours-gcm", "ours-no-gcmctx", "ours-no-wb")
+MODES = ("stock", "ours", "ours-ctr", "ours-gcm", "ours-no-gcmctx", "ours-no-wb")
 BASELINE = "ours"
 
 
@@ -132,6 +134,8 @@ class Bench:
         extra: dict[str, Any] = {"printing": False, "mimebox": False}
         if mode == "ours-gcm":
             extra["outer_gcm"] = True
+        elif mode == "ours-ctr":  # install(outer_gcm=False): python-x2go's cipher as negotiated
+            extra["outer_gcm"] = False
         elif mode == "ours-no-gcmctx":  # ablation: cryptography's own AESGCM (x2go_sftp/aesgcm.py's opt-out)
             extra["env"] = {"X2GO_SFTP_GCM_CONTEXT": "0"}
         elif mode == "ours-no-wb":  # ablation: WRITEs in the session's greenlet (x2go_sftp/writebehind.py's opt-out)

@@ -10,7 +10,7 @@ test suite's Python.  The test starts it as a subprocess and talks to it:
   (``next``, ``unshare <path>``, ``unshare_all``, ``quit``).
 
 Modes: ``stock`` (python-x2go as shipped), ``ours`` (after
-``x2go_sftp.integrate.install()``, or ``install(outer_gcm=True)`` with the cfg
+``x2go_sftp.integrate.install()``, or ``install(outer_gcm=...)`` with the cfg
 key ``outer_gcm``) and ``bare`` (our tunnel class put into
 ``x2go.sftpserver`` without ``install()``; see ``run_bare``).
 
@@ -95,16 +95,17 @@ def main() -> int:
     # cfg: mode ("stock" | "ours" | "bare"), repo, port, user, client_key, known_hosts, client_root,
     #      session_name, ports {gr, snd, fs}, agent_pid, shares [paths], printing, mimebox,
     #      keys_out (dir: the test gets the session key and host key there),
-    #      outer_gcm (optional, mode "ours": install(outer_gcm=True); default False),
+    #      outer_gcm (optional, mode "ours": install(outer_gcm=...); absent: install()'s default),
     #      env (optional: environment variables set before anything is imported, e.g. opt-outs)
     os.environ.update(cfg.get("env") or {})
     if cfg["mode"] == "ours":
         sys.path.insert(0, cfg["repo"])
         import x2go_sftp.integrate
 
-        outer_gcm = bool(cfg.get("outer_gcm", False))
-        first = x2go_sftp.integrate.install(outer_gcm=outer_gcm)
-        second = x2go_sftp.integrate.install(outer_gcm=outer_gcm)
+        # Without the key: install()'s default, as a user calls it.
+        kwargs = {"outer_gcm": bool(cfg["outer_gcm"])} if "outer_gcm" in cfg else {}
+        first = x2go_sftp.integrate.install(**kwargs)
+        second = x2go_sftp.integrate.install(**kwargs)
         emit("installed", first=first, second=second)
     elif cfg["mode"] == "bare":
         # The bare class swap someone will try instead of install().
