@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import paramiko
 import pytest
 
+from tests.engine_support import PieceSocket
 from x2go_sftp import engine as eng
 from x2go_sftp.backend import DirHandle, JailedSFTPServer
 from x2go_sftp.defaults import current_local_user
@@ -1213,42 +1214,8 @@ def test_replies_match_openssh_sftp_server(raw: RawSFTP, export_dir: str) -> Non
 
 
 # -- framing: requests cut anywhere in the input ---------------------------------------
-class _PieceSocket:
-    """The engine's input as given pieces (None: a packet that brought no input), replies collected."""
-
-    out_max_packet_size = 32768
-
-    def __init__(self, pieces: list[Any]) -> None:
-        self.pieces = list(pieces)
-        self.sent = bytearray()
-
-    class _Transport:
-        def get_log_channel(self) -> str:
-            return "x2go_sftp.test"
-
-        def get_hexdump(self) -> bool:
-            return False
-
-    def get_transport(self) -> Any:
-        return self._Transport()
-
-    def recv(self, nbytes: int) -> Any:
-        if not self.pieces:
-            return b""
-        piece = self.pieces.pop(0)
-        assert piece is None or len(piece) <= nbytes
-        return piece
-
-    def recv_ready(self) -> bool:
-        return bool(self.pieces)
-
-    def send(self, data: bytes) -> int:
-        self.sent += data
-        return len(data)
-
-
 def _serve_pieces(export: str, pieces: list[Any]) -> bytes:
-    sock = _PieceSocket(pieces)
+    sock = PieceSocket(pieces)
     engine = eng.SFTPEngine(sock, "sftp", object(), JailedSFTPServer, exports=Exports([export]))
     engine.start_subsystem("sftp", None, sock)  # type: ignore[arg-type]
     engine.finish_subsystem()

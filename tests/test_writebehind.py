@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.engine_support import PieceSocket
 from x2go_sftp import engine as eng
 from x2go_sftp import writebehind
 from x2go_sftp.backend import JailedSFTPServer
@@ -49,39 +50,9 @@ def packet(t: int, body: bytes) -> bytes:
     return u32(len(body) + 1) + bytes((t,)) + body
 
 
-class _Input:
-    """The engine's channel: the given input, then EOF; replies collected."""
-
-    out_max_packet_size = 32768
-
-    def __init__(self, stream: bytes) -> None:
-        self.pieces = [stream]
-        self.sent = bytearray()
-
-    class _Transport:
-        def get_log_channel(self) -> str:
-            return "x2go_sftp.test"
-
-        def get_hexdump(self) -> bool:
-            return False
-
-    def get_transport(self) -> Any:
-        return self._Transport()
-
-    def recv(self, nbytes: int) -> bytes:
-        return self.pieces.pop(0) if self.pieces else b""
-
-    def recv_ready(self) -> bool:
-        return bool(self.pieces)
-
-    def send(self, data: bytes) -> int:
-        self.sent += data
-        return len(data)
-
-
 def serve(export: Path, stream: bytes, behind: bool | None) -> tuple[bytes, eng.SFTPEngine]:
     """Run one session on ``stream``; its replies (after VERSION) and the engine."""
-    sock = _Input(packet(INIT, u32(3)) + stream)
+    sock = PieceSocket([packet(INIT, u32(3)) + stream])
     engine_class = type("Engine", (eng.SFTPEngine,), {"write_behind": behind})
     engine = engine_class(sock, "sftp", object(), JailedSFTPServer, exports=Exports([str(export)]))
     engine.start_subsystem("sftp", None, sock)  # type: ignore[arg-type]
