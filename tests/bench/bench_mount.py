@@ -13,8 +13,10 @@ with X2Go's exact options.  Variants, each in its own process:
 
 * ``gevent``  this library, gevent monkey-patched (how python-x2go runs)
 * ``threads`` this library, plain threads
-* ``gevent-gcm`` this library under gevent with the opt-in ``outer_gcm=True``
-  (python-x2go's connection rekeyed to AES-GCM)
+* ``gevent-gcm`` this library under gevent with ``outer_gcm=True`` (python-x2go's
+  connection rekeyed to AES-GCM: what ``integrate.install()`` does)
+* ``threads-gcm`` plain threads with ``outer_gcm=True`` (as ``x2go-sftp share`` runs:
+  no gevent, its own connection on AES-GCM)
 * ``openssh`` the all-OpenSSH tunnel: ``ssh -R`` (with a command running) to the
   same sshd, ending at a second local sshd whose sftp-server serves the folder
 * ``legacy``  the 2014 design of python-x2go's sftpserver (tests/bench/legacy.py), under gevent
@@ -82,7 +84,7 @@ REMOTE_COMMAND = "cat"
 # Extra mounts for the idle-RSS and concurrency measurements.
 PARALLEL_MOUNTS = 8
 
-VARIANTS = ("gevent", "threads", "gevent-gcm", "openssh", "legacy", "forward", "direct")
+VARIANTS = ("gevent", "threads", "gevent-gcm", "threads-gcm", "openssh", "legacy", "forward", "direct")
 # Variants without a paramiko in them: measured once per round, the baseline of every release.
 OPENSSH_ONLY = ("openssh", "direct")
 # The workers' opt-out of the asbytes fix (x2go_sftp.paramiko_compat.ASBYTES_FIX_ENV; not
@@ -169,8 +171,8 @@ class Bench:
 
     # -- endpoints ---------------------------------------------------------------
     def endpoint(self, variant: str) -> Endpoint:
-        if variant == "gevent-gcm":
-            return self._worker("gevent", "--outer-gcm")
+        if variant in ("gevent-gcm", "threads-gcm"):
+            return self._worker(variant.removesuffix("-gcm"), "--outer-gcm")
         if variant in ("gevent", "threads", "legacy"):
             return self._worker(variant)
         if variant == "forward":
