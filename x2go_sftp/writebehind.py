@@ -98,11 +98,14 @@ class WriteBehind:
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
+        start_native: Callable[..., Any] | None = None
         if gevent_patched():
             from gevent import get_hub
             from gevent.monkey import get_original
 
             allocate_lock: Callable[[], Any] = get_original("_thread", "allocate_lock")
+            # threading.Thread would be a greenlet here: a native thread is gevent's original.
+            start_native = get_original("_thread", "start_new_thread")
             # A native thread must not touch the hub's objects; an async
             # watcher is the one way in that is safe from any thread.
             self._event = threading.Event()  # gevent's, under the patching
@@ -125,9 +128,8 @@ class WriteBehind:
         self.pending = 0  # submitted, result not yet taken
         self.pending_bytes = 0
         self._sizes: collections.deque[int] = collections.deque()
-        if self._watcher is not None:
-            # threading.Thread would be a greenlet here: a native thread is gevent's original.
-            get_original("_thread", "start_new_thread")(self._run, ())
+        if start_native is not None:
+            start_native(self._run, ())
         else:
             self._thread = threading.Thread(target=self._run, name="x2go-sftp-write-behind", daemon=True)
             self._thread.start()
