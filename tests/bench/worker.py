@@ -215,6 +215,10 @@ def main() -> None:
     if os.environ.get("X2GO_BENCH_PACKETS"):
         count_outer_packets(Path(os.environ["X2GO_BENCH_PACKETS"]) / f"{args.mode}-{os.getpid()}.json")
     transport, command = outer_connection(args.sshd_port, client_key, args.user, "command" not in off)
+    if os.environ.get("X2GO_BENCH_CPU_SPLIT"):
+        from tests.bench import cpu_split
+
+        cpu_split.install(Path(os.environ["X2GO_BENCH_CPU_SPLIT"]), transport, args.mode != "threads")
 
     if args.mode == "forward":
         relay = Relay(transport, args.target)
