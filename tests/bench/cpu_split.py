@@ -34,6 +34,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -149,7 +150,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paramiko", default="debian12", help="one release, as bench_mount's --paramiko")
     parser.add_argument("--variants", default="gevent-gcm,threads-gcm,forward")
-    parser.add_argument("--workload", choices=("stat", "read"), default="stat")
+    parser.add_argument("--workload", choices=("stat", "read", "ls"), default="stat",
+                        help="per request: LSTAT of an absent name, a 32 KiB READ; or per `ls -l` of 2000 files")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3, help="alternations over the variants (medians printed)")
     args = parser.parse_args()
@@ -171,13 +173,15 @@ def main() -> int:
             src = bench.local_file(args.requests * bm.REQUEST_SIZE) if args.workload == "read" else ""
             for rnd in range(args.rounds):
                 for v in variants if rnd % 2 == 0 else variants[::-1]:
+                    if args.workload == "ls":  # sshfs caches a listing: each one of a fresh directory
+                        src = ",".join(_fresh_dir(bench) for _ in range(args.requests))
                     rows[v].append(_measure(eps[v], mnts[v], args.workload, args.requests, rnd, src, out))
             bench.unmount_all()
             for ep in eps.values():
                 ep.stop()
         finally:
             bench.close()
-    what = "LSTAT of an absent name" if args.workload == "stat" else "32 KiB READ"
+    what = {"stat": "LSTAT of an absent name", "read": "32 KiB READ", "ls": "`ls -l` of 2000 files"}[args.workload]
     print(f"CPU per request, us (medians of {args.rounds} rounds of {args.requests} x {what}, one at a time; "
           f"paramiko {setup.release.version}, cryptography {setup.release.cryptography})")
     roles = [r for r in (OUTER, HUB, SESSION, INNER, RELAY, NATIVE, OTHER)
@@ -188,6 +192,14 @@ def main() -> int:
         cells = [statistics.median(row.get(label, 0.0) for row in rows[v]) for v in variants]
         print(f"{label:<{width}}" + "".join(f"{c:14.1f}" for c in cells))
     return 0
+
+
+def _fresh_dir(bench: Any) -> str:
+    name = bench.fresh("ls")
+    (bench.data / name).mkdir()
+    for i in range(bench.sizes.ls_files):
+        (bench.data / name / f"entry-{i:05d}.txt").write_bytes(b"")
+    return str(name)
 
 
 def _measure(ep: Any, mnt: Path, workload: str, n: int, rnd: int, src: str, out: Path) -> dict[str, float]:
@@ -201,6 +213,9 @@ def _measure(ep: Any, mnt: Path, workload: str, n: int, rnd: int, src: str, out:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         t0 = time.perf_counter()
         for i in range(n):
+            if workload == "ls":
+                subprocess.run(["ls", "-l", "--", str(mnt / src.split(",")[i])], stdout=subprocess.DEVNULL, check=True)
+                continue
             if fd >= 0:
                 os.pread(fd, 32 * 1024, ((i * 7919) % n) * 32 * 1024)
             else:
