@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def install(out_dir: Path, outer: Any, gevent_mode: bool) -> None:
             return RELAY
         return OTHER
 
-    state: dict[str, Any] = {"on": False, "start": {}, "tasks": {}}
+    state: dict[str, Any] = {"on": False, "tasks": {}}
     charged: Counter[str] = Counter()
 
     if gevent_mode:
@@ -90,18 +91,18 @@ def install(out_dir: Path, outer: Any, gevent_mode: bool) -> None:
 
         clock = time.thread_time_ns
         main_tid = threading.get_native_id()
-        roles: dict[int, str] = {}
+        roles: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()  # an id can be reused
         last = [clock()]
 
         def greenlet_role(g: Any) -> str:
-            r = roles.get(id(g))
+            r = roles.get(g)
             if r is None:
                 if isinstance(g, Hub):
                     r = HUB
                 else:
                     t = threading._active.get(id(g))  # type: ignore[attr-defined]  # gevent: ident = id(greenlet)
                     r = role(t) if t is not None else OTHER
-                roles[id(g)] = r
+                roles[g] = r
             return r
 
         def trace(event: str, args: Any) -> None:
@@ -121,6 +122,8 @@ def install(out_dir: Path, outer: Any, gevent_mode: bool) -> None:
         state["on"] = True
 
     def dump(*_: Any) -> None:
+        if gevent_mode:
+            charged[greenlet_role(greenlet.getcurrent())] += clock() - last[0]  # the one running now
         state["on"] = False
         now = _all_tasks_ns()
         before = state["tasks"]
