@@ -42,8 +42,9 @@ import cryptography
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import defaults
+
 GCM_CONTEXT_ENV = "X2GO_SFTP_GCM_CONTEXT"
-_OPT_OUT = frozenset({"0", "no", "off", "false"})
 
 #: cryptography releases the reused context was read against and tested on (majors 38 to 42 all
 #: build AESGCM per call on cffi); 43 moved AEAD to Rust (fast per call, and the names are gone).
@@ -252,7 +253,7 @@ def _decide() -> tuple[tuple[Any, Any] | None, str]:
 
 def opted_out() -> bool:
     """True if ``X2GO_SFTP_GCM_CONTEXT`` switches the reused context off."""
-    return os.environ.get(GCM_CONTEXT_ENV, "").strip().lower() in _OPT_OUT
+    return defaults.opted_out(GCM_CONTEXT_ENV)
 
 
 def reused() -> bool:

@@ -6,6 +6,7 @@ Nothing expensive happens at import: the host key is generated on first use.
 from __future__ import annotations
 
 import getpass
+import os
 import platform
 import threading
 
@@ -17,8 +18,16 @@ X2GOCLIENT_OS = platform.system()
 # original used a 1024-bit key, which OpenSSH itself refuses since 8.x.
 HOST_KEY_BITS = 3072
 
+# What turns one of the X2GO_SFTP_* switches off (any case, spaces ignored).
+OPT_OUT_VALUES = frozenset({"0", "no", "off", "false"})
+
 _host_key: paramiko.PKey | None = None
 _host_key_lock = threading.Lock()
+
+
+def opted_out(env: str) -> bool:
+    """True if the environment variable ``env`` says ``0``, ``no``, ``off`` or ``false``."""
+    return os.environ.get(env, "").strip().lower() in OPT_OUT_VALUES
 
 
 def current_local_user() -> str:

@@ -49,7 +49,7 @@ from typing import Any
 
 import paramiko
 
-from . import log, paramiko_compat, rforward
+from . import defaults, log, paramiko_compat, rforward
 from .defaults import default_host_key
 from .sftpserver import X2GoRevFwTunnelToSFTP
 
@@ -302,8 +302,8 @@ OUTER_GCM_ENV = "X2GO_SFTP_OUTER_GCM"
 
 
 def outer_gcm_default() -> bool:
-    """What :func:`install` does when ``outer_gcm`` is not given: on, unless ``X2GO_SFTP_OUTER_GCM=0``."""
-    return os.environ.get(OUTER_GCM_ENV, "1") != "0"
+    """What :func:`install` does when ``outer_gcm`` is not given: on, unless ``X2GO_SFTP_OUTER_GCM=0`` (``no``, ``off``, ``false``)."""
+    return not defaults.opted_out(OUTER_GCM_ENV)
 
 
 def install(host_key: paramiko.PKey | None = None, outer_gcm: bool | None = None) -> bool:

@@ -18,7 +18,6 @@ import errno
 import functools
 import hmac
 import itertools
-import os
 import struct
 import threading
 import time
@@ -34,7 +33,7 @@ from paramiko.common import MSG_CHANNEL_CLOSE, cMSG_CHANNEL_DATA
 from paramiko.packet import NeedRekeyException, Packetizer
 from paramiko.sftp import BaseSFTP
 
-from . import aesgcm, log
+from . import aesgcm, defaults, log
 
 # -- which tricks, checked on which releases -------------------------------------------
 #
@@ -622,7 +621,6 @@ _GCM_TAG = 16
 _GCM_NONCE = 12  # RFC 5647 7.1: a 4-byte fixed field and a 64-bit invocation counter
 _GCM_ATTR = "x2go_sftp_gcm_backport"  # ours: marks a transport given backport_gcm
 GCM_BACKPORT_ENV = "X2GO_SFTP_GCM_BACKPORT"
-_OPT_OUT = frozenset({"0", "no", "off", "false"})
 # OpenSSH's names (RFC 5647 as OpenSSH frames it), with the fields paramiko >= 3.3 gives them.
 _GCM_INFO: dict[str, dict[str, Any]] = {
     name: {"class": AESGCM, "mode": None, "block-size": _AES_BLOCK, "key-size": size,
@@ -671,7 +669,7 @@ def backport_gcm(transport: Any) -> bool:
     """
     if gcm_backported(transport):
         return True
-    if os.environ.get(GCM_BACKPORT_ENV, "").strip().lower() in _OPT_OUT or not may(transport, GCM_BACKPORT):
+    if defaults.opted_out(GCM_BACKPORT_ENV) or not may(transport, GCM_BACKPORT):
         return False
     pk = packetizer_of(transport)
     if type(pk) is Packetizer:
@@ -1240,7 +1238,7 @@ class _Rebinding:
               make: Callable[[Callable[..., Any]], Callable[..., Any]], logger: log.LoggerLike | None,
               what: str) -> bool:
         """Bind ``make(original)`` where paramiko bound ``find()``'s function, if ``fits`` it; True if in effect."""
-        if _opted_out(self.env):
+        if defaults.opted_out(self.env):
             return self.applied
         with self._lock:
             if self.original is not None:
@@ -1351,11 +1349,6 @@ def _paramiko_modules() -> list[Any]:
         for name, m in list(sys.modules.items())
         if m is not None and (name == "paramiko" or name.startswith("paramiko."))
     ]
-
-
-def _opted_out(env: str) -> bool:
-    """True if the environment variable ``env`` says ``0``/``no``/``off``/``false``."""
-    return os.environ.get(env, "").strip().lower() in _OPT_OUT
 
 
 def _rebind(attr: str, old: Any, new: Any) -> list[str]:

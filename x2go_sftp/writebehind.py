@@ -41,6 +41,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from . import defaults
+
 __all__ = ["MAX_PENDING_BYTES", "MAX_PENDING_WRITES", "MIN_BYTES", "WriteBehind", "wanted"]
 
 # At most this many WRITEs, holding at most this many bytes of data, wait for
@@ -74,9 +76,9 @@ def gevent_patched() -> bool:
 def wanted(setting: bool | None) -> bool:
     """Whether a new session writes behind: ``setting`` if not None, else under gevent only.
 
-    ``X2GO_SFTP_WRITE_BEHIND=0`` switches it off whatever ``setting`` says.
+    ``X2GO_SFTP_WRITE_BEHIND=0`` (or ``no``, ``off``, ``false``) switches it off whatever ``setting`` says.
     """
-    if os.environ.get(ENV, "1") == "0":
+    if defaults.opted_out(ENV):
         return False
     return gevent_patched() if setting is None else setting
 
