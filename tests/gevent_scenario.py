@@ -17,7 +17,7 @@ import threading  # noqa: E402
 
 import paramiko  # noqa: E402
 
-from x2go_sftp import X2GoRevFwTunnel, X2GoRevFwTunnelToSFTP  # noqa: E402
+from x2go_sftp import X2GoRevFwTunnel, X2GoRevFwTunnelToSFTP, paramiko_compat, tuning  # noqa: E402
 from x2go_sftp.defaults import current_local_user  # noqa: E402
 from x2go_sftp.testing import LoopbackX2GoServer, sftp_client  # noqa: E402
 
@@ -83,6 +83,11 @@ def main() -> int:
         f.write(data)
     with client.open(folder + "/big", "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+    # One request at a time on a drained socket: python-x2go's transport greenlet
+    # let the session answer before going back to its socket (tuning.YIELD_TO_READER).
+    pipes = [paramiko_compat.channel_in_buffer(t.channel) for t in tunnel.open_channels.values()]
+    assert pipes and all(isinstance(p, tuning.ChunkPipe) for p in pipes), pipes
+    assert sum(p.yields for p in pipes) > 0
     step("session")
 
     # WRITEs go to a native thread (x2go_sftp.writebehind): pipelined, the

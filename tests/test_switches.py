@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from x2go_sftp import aesgcm, defaults, integrate, writebehind
+from x2go_sftp import aesgcm, defaults, integrate, tuning, writebehind
 
 OFF = ["0", "no", "off", "false", "OFF", " False ", "No"]
 ON = ["", "1", "yes", "on", "anything"]
@@ -19,6 +19,24 @@ def test_each_switch_is_off_for_every_opt_out_spelling(monkeypatch: pytest.Monke
     assert not writebehind.wanted(True)  # the opt-out wins over a forced setting
     assert not integrate.outer_gcm_default()
     assert aesgcm.opted_out()
+
+
+@pytest.mark.parametrize("value", OFF)
+def test_the_yield_to_the_reader_is_off_for_every_opt_out_spelling(monkeypatch: pytest.MonkeyPatch,
+                                                                   value: str) -> None:
+    monkeypatch.setattr(tuning, "_sleep_switches_greenlets", lambda: True)  # as under gevent
+    monkeypatch.setenv(tuning.YIELD_ENV, value)
+    assert not tuning.yield_wanted()
+
+
+@pytest.mark.parametrize("value", ON)
+def test_the_yield_to_the_reader_stays_on_otherwise_under_gevent_only(monkeypatch: pytest.MonkeyPatch,
+                                                                      value: str) -> None:
+    monkeypatch.setenv(tuning.YIELD_ENV, value)
+    monkeypatch.setattr(tuning, "_sleep_switches_greenlets", lambda: True)
+    assert tuning.yield_wanted()
+    monkeypatch.setattr(tuning, "_sleep_switches_greenlets", lambda: False)  # plain threads: never
+    assert not tuning.yield_wanted()
 
 
 @pytest.mark.parametrize("value", ON)

@@ -390,3 +390,75 @@ def test_a_held_reply_is_sent_before_waiting_for_the_rest_of_a_request(make_tunn
     assert _raw_replies(chan, 1) == [1]
     chan.sendall(second[3:])
     assert _raw_replies(chan, 1) == [2]
+
+
+_READER_FIRST = r"""
+import sys
+from gevent import monkey
+monkey.patch_all()
+import gevent
+from x2go_sftp import tuning
+setting, drained, reader = sys.argv[1:4]
+assert tuning.yield_wanted()
+tuning.YIELD_TO_READER = setting == "on"
+pipe = tuning.ChunkPipe(None, (lambda: drained == "drained") if tuning.yield_wanted() else None)
+order = []
+if reader == "reader":
+    gevent.spawn(lambda: order.append(("read", pipe.read(100))))
+    gevent.sleep(0)  # the reader blocks in read()
+gevent.spawn(lambda: order.append(("other greenlet", None)))  # runs at the next switch
+pipe.feed(b"request")
+order.append(("feed returned", None))
+gevent.sleep(0.01)
+print(order, pipe.yields)
+"""
+
+
+@pytest.mark.parametrize(("setting", "drained", "reader", "expected"), [
+    # The transport's greenlet lets the waiting session answer first ...
+    ("on", "drained", "reader", "[('other greenlet', None), ('read', b'request'), ('feed returned', None)] 1"),
+    # ... but reads on while its socket holds more (a burst stays batched),
+    ("on", "more", "reader", "[('feed returned', None), ('other greenlet', None), ('read', b'request')] 0"),
+    # never switches when no reader waits,
+    ("on", "drained", "none", "[('feed returned', None), ('other greenlet', None)] 0"),
+    # and not at all when switched off.
+    ("off", "drained", "reader", "[('feed returned', None), ('other greenlet', None), ('read', b'request')] 0"),
+])
+def test_under_gevent_feed_yields_to_a_waiting_reader_only_when_the_feeder_is_drained(
+        setting: str, drained: str, reader: str, expected: str) -> None:
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _READER_FIRST, setting, drained, reader], capture_output=True,
+                         text=True, timeout=60, env=env, cwd=root)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == expected
+
+
+def test_with_plain_threads_feed_never_yields() -> None:
+    # The session's thread runs beside the transport's: a yield would only hand the GIL over.
+    pipe = tuning.ChunkPipe(None, lambda: True)
+    assert pipe._feeder_drained is None
+    pipe.feed(b"x")
+    assert pipe.yields == 0
+
+
+def test_drained_check_asks_the_kernel_what_waits_unread() -> None:
+    a, b = socket.socketpair()
+    try:
+        drained = tuning.drained_check(a)
+        assert drained is not None
+        assert drained()
+        b.sendall(b"more")
+        assert not drained()
+        assert a.recv(10) == b"more"
+        assert drained()
+        a.close()
+        assert not drained()  # closed: say "not drained", so no yield
+    finally:
+        a.close()
+        b.close()
+    assert tuning.drained_check(object()) is None  # no descriptor (a ProxyCommand, say): no check, no yield
+    assert tuning.drained_check(None) is None

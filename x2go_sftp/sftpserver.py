@@ -183,7 +183,7 @@ class X2GoRevFwTunnelToSFTP(rforward.X2GoRevFwTunnel):
         if chan is not None:
             # The tcpip-forward handler calls us in the outer transport's
             # thread, where the channel's buffer can be swapped safely.
-            tuning.use_chunk_pipe(chan)
+            tuning.use_chunk_pipe(chan, yield_to_reader=True)
             tuning.set_window_ack_threshold(chan)
         super().notify(chan)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 
-from . import fastpath, log, paramiko_compat
+from . import defaults, fastpath, log, paramiko_compat
 
 # Ciphers the inner server offers, best first.  OpenSSH's client picks by *its*
 # order (chacha20-poly1305, aes*-ctr, then aes*-gcm), so to get GCM we must offer
@@ -44,6 +45,62 @@ INNER_MAX_PACKET_SIZE = paramiko.common.DEFAULT_MAX_PACKET_SIZE
 
 # Replace paramiko's BufferedPipe on the channels we own with ChunkPipe.
 USE_CHUNK_PIPE = True
+
+# Under gevent's monkey patching, when python-x2go's transport greenlet feeds a
+# forwarded channel whose session waits for input, and nothing more waits unread
+# on the outer socket, it lets the session run first (``time.sleep(0)``: one
+# switch through the hub) instead of going back to its socket first.  The
+# transport's way back (paramiko's read loop, a gevent ``Timeout``, the wait on
+# its socket) then comes after the reply instead of before it.  With more
+# outer data already there the transport reads on as before, so the requests
+# and replies of a burst stay batched.  Never with plain threads (the session
+# thread runs beside the transport's there; round 6 measured a yield worse).
+# Measured: docs/performance-notebook.md, round 13.  X2GO_SFTP_YIELD_TO_READER=0
+# (or no, off, false), read for each new forwarded channel, switches it off.
+YIELD_TO_READER = True
+YIELD_ENV = "X2GO_SFTP_YIELD_TO_READER"
+
+
+def _sleep_switches_greenlets() -> bool:
+    """True under gevent's monkey patching, where ``time.sleep(0)`` lets other greenlets run (no import of gevent)."""
+    return str(getattr(time.sleep, "__module__", "")).startswith("gevent")
+
+
+def yield_wanted() -> bool:
+    """Whether a new forwarded channel's pipe yields to its reader (:data:`YIELD_TO_READER`): gevent only."""
+    return YIELD_TO_READER and not defaults.opted_out(YIELD_ENV) and _sleep_switches_greenlets()
+
+
+_FOUR_ZEROS = bytes(4)  # FIONREAD's int, as ioctl's in-out buffer
+_INT = struct.Struct("i")
+
+
+def drained_check(sock: Any) -> Callable[[], bool] | None:
+    """A test that nothing waits unread in ``sock``'s kernel buffer (``FIONREAD``), or None where there is none.
+
+    None for anything that is not a descriptor the kernel answers ``FIONREAD``
+    for (a ``ProxyCommand``, a closed socket, a platform without ``fcntl``).
+    The test says False (not drained) if asking fails later, e.g. once the
+    socket is closed.
+    """
+    try:
+        import fcntl
+        import termios
+
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, _FOUR_ZEROS)
+    except Exception:  # any failure: no check, so no yield
+        return None
+    ioctl, fionread, fileno = fcntl.ioctl, termios.FIONREAD, sock.fileno
+
+    def drained() -> bool:
+        try:
+            waiting: int = _INT.unpack(ioctl(fileno(), fionread, _FOUR_ZEROS))[0]
+        except (OSError, ValueError):
+            return False
+        return waiting == 0
+
+    return drained
+
 
 # Bytes an inner SSH packet adds around CHANNEL_DATA payload, at most: message
 # header (9), length and padding length (5), padding (<= 16 + 3) and a MAC of up
@@ -223,10 +280,14 @@ class ChunkPipe(BufferedPipe):  # type: ignore[type-arg]
     instead of buffering without bound.  paramiko itself never checks.
     """
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, feeder_drained: Callable[[], bool] | None = None) -> None:
         # paramiko's own fields are made but unused: every method is ours, on ours.
         super().__init__()
         self.limit = limit
+        # See YIELD_TO_READER: whether the feeder's own input is drained (None: never yield).
+        self._feeder_drained = feeder_drained if _sleep_switches_greenlets() else None
+        self._reader_waits = False  # a reader is (or was about to be) blocked in read(): a hint
+        self.yields = 0  # times feed() let the reader run first (tests, logs)
         self._mutex = threading.Lock()
         # Wakes a reader waiting for data, EOF or a handover: set by whoever brings
         # one, cleared (under the mutex) by a reader that found none.  An Event
@@ -274,6 +335,10 @@ class ChunkPipe(BufferedPipe):  # type: ignore[type-arg]
                 self._chunks.append(bytes(data))
                 self._size += len(data)
             self._arrived.set()
+            reader_waits = self._reader_waits
+        if reader_waits and self._feeder_drained is not None and self._feeder_drained():
+            self.yields += 1
+            time.sleep(0)  # gevent's: the woken reader runs before this greenlet goes on
 
     def read_ready(self) -> bool:
         with self._mutex:
@@ -283,6 +348,7 @@ class ChunkPipe(BufferedPipe):  # type: ignore[type-arg]
         deadline = None
         while True:
             with self._mutex:
+                self._reader_waits = False
                 if self._size:
                     out = self._take(nbytes)
                     if self._size == 0 and self._ready is not None and not self._eof:
@@ -303,6 +369,7 @@ class ChunkPipe(BufferedPipe):  # type: ignore[type-arg]
                     if remaining <= 0:
                         raise PipeTimeout()
                 self._arrived.clear()  # whatever arrives after this sets it again
+                self._reader_waits = True
             self._arrived.wait(remaining)
 
     def _take(self, nbytes: int) -> bytes:
@@ -359,10 +426,12 @@ class ChunkPipe(BufferedPipe):  # type: ignore[type-arg]
             return self._size
 
 
-def use_chunk_pipe(chan: paramiko.Channel, limit: int | None = None) -> bool:
+def use_chunk_pipe(chan: paramiko.Channel, limit: int | None = None, yield_to_reader: bool = False) -> bool:
     """Give ``chan`` a :class:`ChunkPipe` for its incoming data, keeping anything already buffered.
 
     ``limit`` only for channels whose transport is ours (a violation closes it).
+    ``yield_to_reader``: under gevent, the transport's greenlet lets a waiting
+    reader run first when its socket is drained (:data:`YIELD_TO_READER`).
 
     Only safe from the thread of the channel's transport (the only thread that
     feeds the pipe), e.g. in a ``tcpip-forward`` handler or a subsystem
@@ -375,7 +444,8 @@ def use_chunk_pipe(chan: paramiko.Channel, limit: int | None = None) -> bool:
     transport = chan.get_transport()
     if not USE_CHUNK_PIPE or transport is None or threading.current_thread() is not transport:
         return False
-    return paramiko_compat.swap_in_buffer(chan, ChunkPipe(limit))
+    drained = drained_check(getattr(transport, "sock", None)) if yield_to_reader and yield_wanted() else None
+    return paramiko_compat.swap_in_buffer(chan, ChunkPipe(limit, drained))
 
 
 class ChannelSocket:

@@ -98,7 +98,8 @@ ABLATION_MARK = "-no-"
 
 def is_variant(name: str) -> bool:
     base, mark, off = name.partition(ABLATION_MARK)
-    return name in VARIANTS or (bool(mark) and base in ("gevent", "threads") and bool(off))
+    return name in VARIANTS or (bool(mark) and base in ("gevent", "threads", "gevent-gcm", "threads-gcm")
+                                and bool(off))
 
 
 @dataclass
@@ -179,7 +180,9 @@ class Bench:
             return self._relay()
         if ABLATION_MARK in variant:
             base, _, off = variant.partition(ABLATION_MARK)
-            return self._worker(base, "--disable", ",".join(filter(None, [self.disable, *off.split("+")])))
+            gcm = ("--outer-gcm",) if base.endswith("-gcm") else ()
+            return self._worker(base.removesuffix("-gcm"), *gcm, "--disable",
+                                ",".join(filter(None, [self.disable, *off.split("+")])))
         if variant == "openssh":
             return self._openssh_tunnel()
         return self._direct()
@@ -627,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh-venvs", action="store_true", help="rebuild the paramiko venvs from scratch")
     parser.add_argument("--disable", default="",
                         help="switch library optimisations off: nodelay,gcm,pipe,fit,readahead,hold,fastpath,ack,"
-                             "asbytes")
+                             "asbytes,yield")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                         help="override an integer constant of x2go_sftp.tuning in the library workers")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of the library here")

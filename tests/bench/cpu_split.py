@@ -6,8 +6,10 @@
 Builds the benchmark's topology (tests/bench/bench_mount.py), starts each
 variant's worker with ``X2GO_BENCH_CPU_SPLIT`` set, and times ``--requests``
 one-at-a-time requests through its sshfs mount: ``stat`` of names that do not
-exist (one LSTAT round trip each) or ``read`` (one 32 KiB READ each, no
-readahead).  Meanwhile the worker charges its CPU to the one who ran:
+exist (one LSTAT round trip each), ``read`` (one 32 KiB READ each, no
+readahead), ``create`` (a new file of 100 bytes each, as the benchmark's
+create step: sshfs's LSTAT, OPEN, FSTAT, WRITE and CLOSE) or ``ls`` (``ls -l``
+of a fresh directory of 2000 files each).  Meanwhile the worker charges its CPU to the one who ran:
 
 * under gevent, each greenlet: ``greenlet.settrace`` reads the thread's CPU
   clock at every switch (a few microseconds per switch of overhead, charged
@@ -153,8 +155,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paramiko", default="debian12", help="one release, as bench_mount's --paramiko")
     parser.add_argument("--variants", default="gevent-gcm,threads-gcm,forward")
-    parser.add_argument("--workload", choices=("stat", "read", "ls"), default="stat",
-                        help="per request: LSTAT of an absent name, a 32 KiB READ; or per `ls -l` of 2000 files")
+    parser.add_argument("--workload", choices=("stat", "read", "create", "ls"), default="stat",
+                        help="per request: LSTAT of an absent name, a 32 KiB READ; per file created; "
+                             "or per `ls -l` of 2000 files")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3, help="alternations over the variants (medians printed)")
     args = parser.parse_args()
@@ -178,13 +181,16 @@ def main() -> int:
                 for v in variants if rnd % 2 == 0 else variants[::-1]:
                     if args.workload == "ls":  # sshfs caches a listing: each one of a fresh directory
                         src = ",".join(_fresh_dir(bench) for _ in range(args.requests))
+                    elif args.workload == "create":  # new names each time, in a directory sshfs has not seen
+                        src = _fresh_dir(bench, 0)
                     rows[v].append(_measure(eps[v], mnts[v], args.workload, args.requests, rnd, src, out))
             bench.unmount_all()
             for ep in eps.values():
                 ep.stop()
         finally:
             bench.close()
-    what = {"stat": "LSTAT of an absent name", "read": "32 KiB READ", "ls": "`ls -l` of 2000 files"}[args.workload]
+    what = {"stat": "LSTAT of an absent name", "read": "32 KiB READ", "create": "file of 100 bytes created",
+            "ls": "`ls -l` of 2000 files"}[args.workload]
     print(f"CPU per request, us (medians of {args.rounds} rounds of {args.requests} x {what}, one at a time; "
           f"paramiko {setup.release.version}, cryptography {setup.release.cryptography})")
     roles = [r for r in (OUTER, HUB, SESSION, INNER, RELAY, NATIVE, OTHER)
@@ -197,10 +203,10 @@ def main() -> int:
     return 0
 
 
-def _fresh_dir(bench: Any) -> str:
+def _fresh_dir(bench: Any, files: int | None = None) -> str:
     name = bench.fresh("ls")
     (bench.data / name).mkdir()
-    for i in range(bench.sizes.ls_files):
+    for i in range(bench.sizes.ls_files if files is None else files):
         (bench.data / name / f"entry-{i:05d}.txt").write_bytes(b"")
     return str(name)
 
@@ -218,6 +224,10 @@ def _measure(ep: Any, mnt: Path, workload: str, n: int, rnd: int, src: str, out:
         for i in range(n):
             if workload == "ls":
                 subprocess.run(["ls", "-l", "--", str(mnt / src.split(",")[i])], stdout=subprocess.DEVNULL, check=True)
+                continue
+            if workload == "create":
+                with open(mnt / src / f"f-{rnd}-{i:05d}", "wb") as f:
+                    f.write(b"x" * 100)
                 continue
             if fd >= 0:
                 os.pread(fd, 32 * 1024, ((i * 7919) % n) * 32 * 1024)

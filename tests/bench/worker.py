@@ -175,6 +175,8 @@ def disable(names: list[str]) -> None:
             from x2go_sftp import fastpath
 
             fastpath.ENABLED = False
+        elif name == "yield":
+            tuning.YIELD_TO_READER = False
         elif name == "ack":
             tuning.WINDOW_ACK_FRACTION = 10  # paramiko's own
         elif name == "hold":
