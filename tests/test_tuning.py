@@ -437,12 +437,14 @@ def test_under_gevent_feed_yields_to_a_waiting_reader_only_when_the_feeder_is_dr
     assert res.stdout.strip() == expected
 
 
-def test_with_plain_threads_feed_never_yields() -> None:
+def test_with_plain_threads_no_pipe_is_made_to_yield(make_tunnel, connect, export_dir) -> None:
     # The session's thread runs beside the transport's: a yield would only hand the GIL over.
-    pipe = tuning.ChunkPipe(None, lambda: True)
-    assert pipe._feeder_drained is None
-    pipe.feed(b"x")
-    assert pipe.yields == 0
+    assert not tuning.yield_wanted()
+    tunnel = make_tunnel([export_dir])
+    connect(tunnel).listdir(export_dir)
+    pipes = [paramiko_compat.channel_in_buffer(t.channel) for t in tunnel.open_channels.values()]
+    assert pipes and all(isinstance(p, tuning.ChunkPipe) and p._feeder_drained is None for p in pipes)
+    assert sum(p.yields for p in pipes) == 0
 
 
 def test_drained_check_asks_the_kernel_what_waits_unread() -> None:

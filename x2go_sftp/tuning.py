@@ -285,7 +285,8 @@ class ChunkPipe(BufferedPipe):  # type: ignore[type-arg]
         super().__init__()
         self.limit = limit
         # See YIELD_TO_READER: whether the feeder's own input is drained (None: never yield).
-        self._feeder_drained = feeder_drained if _sleep_switches_greenlets() else None
+        # use_chunk_pipe gives one under gevent only (yield_wanted).
+        self._feeder_drained = feeder_drained
         self._reader_waits = False  # a reader is (or was about to be) blocked in read(): a hint
         self.yields = 0  # times feed() let the reader run first (tests, logs)
         self._mutex = threading.Lock()
