@@ -165,6 +165,9 @@ def main() -> int:
 
     setup = bm.configs([args.paramiko], "on", False)[0]
     variants = [v for v in args.variants.split(",") if v]
+    no_worker = [v for v in variants if v in ("openssh", "direct")]
+    if no_worker:  # no Python worker to charge: SIGUSR1 would end OpenSSH's ssh instead
+        parser.error(f"no worker process to split in {', '.join(no_worker)}")
     with tempfile.TemporaryDirectory(prefix="x2go-cpu-split-") as tmp:
         work, out = Path(tmp) / "work", Path(tmp) / "out"
         work.mkdir()
