@@ -24,7 +24,7 @@ def test_each_switch_is_off_for_every_opt_out_spelling(monkeypatch: pytest.Monke
 @pytest.mark.parametrize("value", OFF)
 def test_the_yield_to_the_reader_is_off_for_every_opt_out_spelling(monkeypatch: pytest.MonkeyPatch,
                                                                    value: str) -> None:
-    monkeypatch.setattr(tuning, "_sleep_switches_greenlets", lambda: True)  # as under gevent
+    monkeypatch.setattr(defaults, "gevent_patched", lambda module="threading": True)  # as under gevent
     monkeypatch.setenv(tuning.YIELD_ENV, value)
     assert not tuning.yield_wanted()
 
@@ -33,9 +33,9 @@ def test_the_yield_to_the_reader_is_off_for_every_opt_out_spelling(monkeypatch: 
 def test_the_yield_to_the_reader_stays_on_otherwise_under_gevent_only(monkeypatch: pytest.MonkeyPatch,
                                                                       value: str) -> None:
     monkeypatch.setenv(tuning.YIELD_ENV, value)
-    monkeypatch.setattr(tuning, "_sleep_switches_greenlets", lambda: True)
+    monkeypatch.setattr(defaults, "gevent_patched", lambda module="threading": True)
     assert tuning.yield_wanted()
-    monkeypatch.setattr(tuning, "_sleep_switches_greenlets", lambda: False)  # plain threads: never
+    monkeypatch.setattr(defaults, "gevent_patched", lambda module="threading": False)  # plain threads: never
     assert not tuning.yield_wanted()
 
 

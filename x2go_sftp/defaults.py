@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import os
 import platform
+import sys
 import threading
 
 import paramiko
@@ -23,6 +24,12 @@ OPT_OUT_VALUES = frozenset({"0", "no", "off", "false"})
 
 _host_key: paramiko.PKey | None = None
 _host_key_lock = threading.Lock()
+
+
+def gevent_patched(module: str = "threading") -> bool:
+    """True if gevent's monkey patching has made ``module`` cooperative (no import of gevent)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched(module))
 
 
 def opted_out(env: str) -> bool:

@@ -61,14 +61,10 @@ YIELD_TO_READER = True
 YIELD_ENV = "X2GO_SFTP_YIELD_TO_READER"
 
 
-def _sleep_switches_greenlets() -> bool:
-    """True under gevent's monkey patching, where ``time.sleep(0)`` lets other greenlets run (no import of gevent)."""
-    return str(getattr(time.sleep, "__module__", "")).startswith("gevent")
-
-
 def yield_wanted() -> bool:
     """Whether a new forwarded channel's pipe yields to its reader (:data:`YIELD_TO_READER`): gevent only."""
-    return YIELD_TO_READER and not defaults.opted_out(YIELD_ENV) and _sleep_switches_greenlets()
+    # time.sleep(0) lets the other greenlets run only where gevent patched "time".
+    return YIELD_TO_READER and not defaults.opted_out(YIELD_ENV) and defaults.gevent_patched("time")
 
 
 _FOUR_ZEROS = bytes(4)  # FIONREAD's int, as ioctl's in-out buffer

@@ -36,7 +36,6 @@ import _thread
 import collections
 import errno
 import os
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -67,12 +66,6 @@ MAX_IOV = 64
 ENV = "X2GO_SFTP_WRITE_BEHIND"
 
 
-def gevent_patched() -> bool:
-    """True if gevent's monkey patching has made ``threading`` cooperative."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("threading"))
-
-
 def wanted(setting: bool | None) -> bool:
     """Whether a new session writes behind: ``setting`` if not None, else under gevent only.
 
@@ -80,7 +73,7 @@ def wanted(setting: bool | None) -> bool:
     """
     if defaults.opted_out(ENV):
         return False
-    return gevent_patched() if setting is None else setting
+    return defaults.gevent_patched() if setting is None else setting
 
 
 class Write(NamedTuple):
@@ -101,7 +94,7 @@ class WriteBehind:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         start_native: Callable[..., Any] | None = None
-        if gevent_patched():
+        if defaults.gevent_patched():
             from gevent import get_hub
             from gevent.monkey import get_original
 
