@@ -1,0 +1,77 @@
+"""The alternated-pairs benchmark's arithmetic (tests/bench/pairs.py): which way a ratio points,
+how pairs are ordered, and how CPU is read.  The benchmark itself never asserts speed."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from tests.bench import pairs
+
+
+def test_a_ratio_above_one_means_a_did_better_for_times_and_for_rates() -> None:
+    assert pairs.pair_ratio(2.0, 3.0, higher_is_better=False) == pytest.approx(1.5)  # A took 2, B 3
+    assert pairs.pair_ratio(120.0, 100.0, higher_is_better=True) == pytest.approx(1.2)  # A 120 MB/s, B 100
+    assert pairs.pair_ratio(3.0, 2.0, higher_is_better=False) < 1
+
+
+def test_compare_pairs_each_a_with_its_own_b_not_the_medians() -> None:
+    # B is slower in four pairs of five, by half in three: paired, A is 1.5x; the medians
+    # alone (4 against 4.4) would say 1.1x.
+    a = [1.0, 2.0, 4.0, 8.0, 16.0]
+    b = [1.5, 3.0, 4.4, 4.0, 24.0]
+    c = pairs.compare(a, b, higher_is_better=False)
+    assert c.n == 5
+    assert c.median == pytest.approx(1.5)
+    assert c.a_ahead == 4
+    assert c.q1 <= c.median <= c.q3
+    assert c.q1 == pytest.approx(1.1) and c.q3 == pytest.approx(1.5)
+
+
+def test_compare_refuses_unpaired_lists() -> None:
+    with pytest.raises(ValueError):
+        pairs.compare([1.0, 2.0], [1.0], higher_is_better=True)
+    with pytest.raises(ValueError):
+        pairs.compare([], [], higher_is_better=True)
+
+
+def test_one_pair_has_no_spread() -> None:
+    c = pairs.compare([2.0], [1.0], higher_is_better=True)
+    assert (c.median, c.q1, c.q3, c.a_ahead) == (2.0, 2.0, 2.0, 1)
+
+
+def test_pairs_alternate_which_side_runs_first() -> None:
+    firsts = [pairs.order(p)[0] for p in range(6)]
+    assert firsts == ["A", "B", "A", "B", "A", "B"]
+    assert all(sorted(pairs.order(p)) == ["A", "B"] for p in range(6))
+
+
+def test_cpu_is_read_in_nanoseconds_from_every_thread() -> None:
+    if pairs.cpu_ns([os.getpid()]) == 0:
+        pytest.skip("this kernel keeps no schedstat")
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    t = threading.Thread(target=spin)
+    before = pairs.cpu_ns([os.getpid()])
+    t.start()
+    try:
+        # Until the spinning thread alone has been charged 20 ms: a count of
+        # whole-process ticks, or of the main thread only, would not move by that.
+        tid = t.native_id
+        assert tid is not None
+        while True:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                if int(f.read().split()[0]) > 20_000_000:
+                    break
+        during = pairs.cpu_ns([os.getpid()])
+    finally:
+        stop.set()
+        t.join()
+    assert during - before >= 20_000_000
+    assert pairs.cpu_ns([2**22 + 12345]) == 0  # a process that is not there costs nothing
