@@ -9,7 +9,8 @@ server.  Each test here fails when the bound it checks is removed: the login
 deadline (``inner.LOGIN_GRACE_TIME``), the pending-login cap
 (``auth.MAX_STARTUPS``), the logged-in cap (``auth.MAX_CONNECTIONS``),
 ``auth.MAX_AUTH_TRIES``, ``auth.MAX_SESSIONS``, a thread that cannot start,
-and the relay of the plain TCP forward (no ``select()`` on channels).
+the relay of the plain TCP forward (no ``select()`` on channels) and its cap
+(``rforward.MAX_RELAYS``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import pytest
 
 from tests.netutil import LocalService
 from tests.realpeers import RealSSHD, is_mounted, write_key_files
-from x2go_sftp import X2GoRevFwTunnel, X2GoRevFwTunnelToSFTP, auth, log
+from x2go_sftp import X2GoRevFwTunnel, X2GoRevFwTunnelToSFTP, auth, log, rforward
 from x2go_sftp.sftpserver import X2GoRevFwSFTPChannelThread
 from x2go_sftp.testing import SERVER_THREAD_PREFIX, ClientTransport, sftp_client
 
@@ -396,6 +397,75 @@ def test_plain_forward_survives_many_short_connections_closed_from_both_sides(
         tunnel.join(10)
         service.close()
     assert not tunnel.is_alive()
+
+
+def echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def _echoes(s: socket.socket, word: bytes) -> bool:
+    s.sendall(word)
+    got = b""
+    while len(got) < len(word):
+        chunk = s.recv(len(word) - len(got))
+        if not chunk:
+            return False
+        got += chunk
+    return got == word
+
+
+def test_plain_forward_relays_at_most_max_relays_connections_and_refuses_the_rest(
+    no_leaks, x2go_server, outer: paramiko.Transport, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    """Anyone on the X2Go server may connect to the sound port: past the cap, no thread and no socket.
+
+    Without ``rforward.MAX_RELAYS`` every connection costs two threads and a socket in
+    python-x2go's process, and the extra ones here would be relayed like the rest.
+    """
+    cap = 4
+    monkeypatch.setattr(rforward, "MAX_RELAYS", cap)  # the default, as a tunnel made without max_relays reads it
+    service = LocalService(echo, name="echo-service")
+    tunnel = X2GoRevFwTunnel(0, "127.0.0.1", service.port, outer)
+    tunnel.start()
+    held: list[socket.socket] = []
+    try:
+        assert tunnel.wait_ready(30) and tunnel.forwarding
+        for i in range(cap):
+            s = socket.create_connection(("127.0.0.1", tunnel.server_port), timeout=SETTLE)
+            held.append(s)
+            assert _echoes(s, f"held-{i}".encode())
+        assert len(tunnel.open_channels) == cap
+        threads = len(our_threads())
+        services = sum(h.is_alive() for h in service.handlers)
+        with caplog.at_level(logging.WARNING):
+            for i in range(3):
+                with socket.create_connection(("127.0.0.1", tunnel.server_port), timeout=SETTLE) as extra:
+                    assert closed_by_peer(extra, SETTLE), f"connection {cap + i + 1} was relayed"
+        assert len(our_threads()) == threads  # no relay thread was started for them
+        assert sum(h.is_alive() for h in service.handlers) == services  # and no socket to the service
+        assert len(tunnel.open_channels) == cap
+        assert any("refusing a connection" in r.getMessage() for r in caplog.records)
+        # The relayed ones go on; one ends, and its place is free again.
+        assert all(_echoes(s, b"still") for s in held)
+        held.pop().close()
+        assert wait_until(lambda: len(tunnel.open_channels) < cap)
+        with socket.create_connection(("127.0.0.1", tunnel.server_port), timeout=SETTLE) as again:
+            assert _echoes(again, b"again")
+    finally:
+        for s in held:
+            s.close()
+        tunnel.stop_thread()
+        tunnel.join(10)
+        service.close()
+    assert not tunnel.is_alive()
+
+
+def test_max_relays_is_a_bound_and_each_tunnel_may_set_its_own(outer: paramiko.Transport):
+    assert 0 < rforward.MAX_RELAYS <= 1024
+    assert X2GoRevFwTunnel(0, "127.0.0.1", 1, outer).max_relays == rforward.MAX_RELAYS
+    assert X2GoRevFwTunnel(0, "127.0.0.1", 1, outer, max_relays=2).max_relays == 2
 
 
 # -- a real mount under a flood ----------------------------------------------------------------

@@ -35,6 +35,17 @@ CANCEL_TIMEOUT = 10.0
 # Relay buffer of the plain TCP forward (the original moved 1 KiB per syscall).
 RELAY_CHUNK = 64 * 1024
 
+# Connections one plain forward relays at once (X2Go's sound forward: each
+# PulseAudio client on the X2Go server holds one; a desktop has a handful).
+# Any local user of the X2Go server can connect to the forwarded port, no key
+# needed, and each connection costs python-x2go's process two threads and a
+# socket to the local service.  OpenSSH's ssh bounds the channels of one
+# connection at CHANNELS_MAX_CHANNELS (16 * 1024, channels.c), each a
+# descriptor of one process and no thread; we bound far lower because ours
+# are threads.  Beyond it a new connection is closed at once, before its
+# thread or socket exist; the ones being relayed go on.
+MAX_RELAYS = 64
+
 # How often a relay blocked reading its channel re-checks whether to stop
 # (the other direction ended, or the tunnel was paused); closing the channel
 # wakes it at once.
@@ -137,6 +148,8 @@ class X2GoRevFwTunnel(threading.Thread):
         session_instance: python-x2go's ``X2GoSession`` (for its hooks), or None.
         logger: an ``X2GoLogger`` or compatible callable.
         loglevel: level mask of the logger created when ``logger`` is None.
+        max_relays: connections relayed at once; more are closed on arrival
+            (default :data:`MAX_RELAYS`).
     """
 
     _log_tag = "rforward"
@@ -150,8 +163,12 @@ class X2GoRevFwTunnel(threading.Thread):
         session_instance: Any = None,
         logger: log.LoggerLike | None = None,
         loglevel: int = log.loglevel_DEFAULT,
+        *,
+        max_relays: int | None = None,
     ):
         self.logger = log.tagged(logger, self._log_tag, loglevel)
+        self.max_relays = MAX_RELAYS if max_relays is None else max_relays
+        self._refusals = log.RateLimiter()
         self.server_port = server_port
         self.remote_host = remote_host
         self.remote_port = remote_port
@@ -330,6 +347,14 @@ class X2GoRevFwTunnel(threading.Thread):
                 thread.join(CANCEL_TIMEOUT)
 
     def _start_channel_thread(self, chan: paramiko.Channel) -> None:
+        # Only this thread adds to open_channels, so the count cannot pass the cap.
+        if len(self.open_channels) >= self.max_relays:
+            log.limited(self.logger, self._refusals,
+                        f"refusing a connection to port {self.server_port}: {self.max_relays} are "
+                        f"relayed already (limit max_relays)", loglevel=log.loglevel_WARN)
+            with contextlib.suppress(OSError, EOFError):  # the transport died first
+                chan.close()
+            return
         thread = X2GoRevFwChannelThread(
             chan,
             (self.remote_host, self.remote_port),
