@@ -1,7 +1,7 @@
 """``x2go-sftp share`` and :mod:`x2go_sftp.share` against a real sshd, a real user and real sshfs.
 
     x2go-sftp share (this machine, as root)  --ssh-->  real sshd on 127.0.0.1 (the "server")
-        user x2gosftptest there runs sshfs -> 127.0.0.1:<forwarded port> -> sshd
+        user x2gosftp<pid> there runs sshfs -> 127.0.0.1:<forwarded port> -> sshd
         -> our reverse forward -> inner SSH server -> engine -> jail -> the local folders
 
 The server-side user is a real non-root account (created for the session when
@@ -14,6 +14,7 @@ The command runs as a subprocess and is stopped with real signals.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import os
@@ -43,7 +44,9 @@ from x2go_sftp.testing import ClientTransport
 
 pytestmark = pytest.mark.real
 
-USER = "x2gosftptest"
+# One user per test process: two checkouts running this suite at once must not
+# rewrite each other's authorized_keys, nor delete the user under each other.
+USER = f"x2gosftp{os.getpid()}"
 
 # How long the command may take to print its mounts, and to end after a signal.
 STARTUP_DEADLINE = 90.0
@@ -61,19 +64,39 @@ class RemoteUser:
     key_file: Path  # the private key the command logs in with (root's, mode 0600)
 
 
+# Where concurrent runs of this suite (two checkouts at once) agree on /dev/fuse's mode.
+FUSE_LOCK = Path(tempfile.gettempdir()) / "x2go-sftp-test-fuse.lock"
+FUSE_MODE_SAVED = Path(tempfile.gettempdir()) / "x2go-sftp-test-fuse.mode"
+
+
 def _fuse_usable_by_users() -> Iterator[None]:
     """Make /dev/fuse 0666, as the fuse3 package does on Debian; put the old mode back afterwards.
 
     libfuse opens /dev/fuse itself before falling back to the setuid
     fusermount, and gives up when it cannot: with a root-only 0600 node (some
-    containers) no user can mount.
+    containers) no user can mount.  Every run holds a shared lock while it
+    needs the mode; the first saves the old one, the last puts it back.
     """
-    old = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    os.chmod("/dev/fuse", 0o666)
+    lock = os.open(FUSE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        yield
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not FUSE_MODE_SAVED.exists():
+            FUSE_MODE_SAVED.write_text(str(stat.S_IMODE(os.stat("/dev/fuse").st_mode)))
+        os.chmod("/dev/fuse", 0o666)
+        fcntl.flock(lock, fcntl.LOCK_SH)  # the others may come and go; none restores while we hold it
+        try:
+            yield
+        finally:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # another run still needs it: the last one restores
+            else:
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    os.chmod("/dev/fuse", int(FUSE_MODE_SAVED.read_text()))
+                FUSE_MODE_SAVED.unlink(missing_ok=True)
     finally:
-        os.chmod("/dev/fuse", old)
+        os.close(lock)
 
 
 @pytest.fixture(scope="module")
