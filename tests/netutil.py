@@ -35,6 +35,12 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
             delay = min(delay * 2, 0.2)
 
 
+def echo(conn: socket.socket) -> None:
+    """A :class:`LocalService` handler that sends every byte back."""
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
 class LocalService:
     """A TCP service on 127.0.0.1 that runs ``handle(conn)`` for each connection in its own thread.
 

@@ -32,7 +32,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from tests.netutil import LocalService
+from tests.netutil import LocalService, echo
 from tests.realpeers import RealSSHD, is_mounted, write_key_files
 from x2go_sftp import X2GoRevFwTunnel, X2GoRevFwTunnelToSFTP, auth, log, rforward
 from x2go_sftp.sftpserver import X2GoRevFwSFTPChannelThread
@@ -397,11 +397,6 @@ def test_plain_forward_survives_many_short_connections_closed_from_both_sides(
         tunnel.join(10)
         service.close()
     assert not tunnel.is_alive()
-
-
-def echo(conn: socket.socket) -> None:
-    while data := conn.recv(65536):
-        conn.sendall(data)
 
 
 def _echoes(s: socket.socket, word: bytes) -> bool:
