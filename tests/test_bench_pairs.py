@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from tests.bench import pairs
+from tests.bench import topology as topo
 
 
 def test_a_ratio_above_one_means_a_did_better_for_times_and_for_rates() -> None:
@@ -49,7 +50,7 @@ def test_pairs_alternate_which_side_runs_first() -> None:
 
 
 def test_cpu_is_read_in_nanoseconds_from_every_thread() -> None:
-    if pairs.cpu_ns([os.getpid()]) == 0:
+    if topo.cpu_ns([os.getpid()]) == 0:
         pytest.skip("this kernel keeps no schedstat")
     stop = threading.Event()
 
@@ -58,7 +59,7 @@ def test_cpu_is_read_in_nanoseconds_from_every_thread() -> None:
             pass
 
     t = threading.Thread(target=spin)
-    before = pairs.cpu_ns([os.getpid()])
+    before = topo.cpu_ns([os.getpid()])
     t.start()
     try:
         # Until the spinning thread alone has been charged 20 ms: a count of
@@ -69,9 +70,9 @@ def test_cpu_is_read_in_nanoseconds_from_every_thread() -> None:
             with open(f"/proc/self/task/{tid}/schedstat") as f:
                 if int(f.read().split()[0]) > 20_000_000:
                     break
-        during = pairs.cpu_ns([os.getpid()])
+        during = topo.cpu_ns([os.getpid()])
     finally:
         stop.set()
         t.join()
     assert during - before >= 20_000_000
-    assert pairs.cpu_ns([2**22 + 12345]) == 0  # a process that is not there costs nothing
+    assert topo.cpu_ns([2**22 + 12345]) == 0  # a process that is not there costs nothing

@@ -44,6 +44,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tests.bench import bench_mount as bm
+from tests.bench import topology as topo
 from tests.bench import venvs
 
 # Workload: (title, unit of the value, higher is better).
@@ -103,23 +104,6 @@ def order(pair: int) -> tuple[str, str]:
     return ("A", "B") if pair % 2 == 0 else ("B", "A")
 
 
-def cpu_ns(pids: list[int]) -> int:
-    """CPU time of every thread of ``pids``, in nanoseconds (threads alive now)."""
-    total = 0
-    for pid in pids:
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-    return total
-
-
 class Side:
     """One variant's endpoint and mount, and what a workload measures on it."""
 
@@ -130,7 +114,7 @@ class Side:
         self.has_hop = variant not in bm.OPENSSH_ONLY and self.ep.hop_pids is not None
 
     def cpu(self) -> int:
-        return cpu_ns(self.ep.hop_pids()) if self.has_hop and self.ep.hop_pids else 0
+        return topo.cpu_ns(self.ep.hop_pids()) if self.has_hop and self.ep.hop_pids else 0
 
 
 def measure(bench: bm.Bench, side: Side, workload: str, mib: int, tag: str) -> tuple[float, float]:

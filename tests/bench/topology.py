@@ -151,6 +151,23 @@ def process_tree(root_pid: int) -> list[int]:
     return out
 
 
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time of every thread of ``pids``, in nanoseconds (threads alive now)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time of ``pids`` (those still alive)."""
     tick = os.sysconf("SC_CLK_TCK")
