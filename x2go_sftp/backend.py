@@ -24,7 +24,7 @@ import paramiko
 from paramiko.sftp import SFTP_EOF, SFTP_OK
 from paramiko.sftp_attr import SFTPAttributes
 
-from . import budget, log, paramiko_compat
+from . import budget, fds, log, paramiko_compat
 from .exports import Export, Exports
 from .jail import Jail, Resolved, chmod_nofollow, refused
 from .status import OK, Status, from_oserror
@@ -175,7 +175,7 @@ def _apply_attr_at(dir_fd: int, name: str, attr: SFTPAttributes) -> None:
                 raise OSError(errno.EINVAL, "not a regular file")
             os.ftruncate(fd, size)
         finally:
-            os.close(fd)
+            fds.close(fd)
     if flags & attr.FLAG_PERMISSIONS:
         mode = _flagged(attr.st_mode, "permissions")
         try:
@@ -235,7 +235,7 @@ class FileHandle(paramiko.SFTPHandle):
         charged, self._budget_fds = self._budget_fds, 0
         try:
             if fd >= 0:
-                os.close(fd)
+                fds.close(fd)
         finally:
             budget.handle_fds.give(charged)
 
@@ -428,7 +428,7 @@ class DirHandle(paramiko.SFTPHandle):
                 try:
                     self._scan.close()
                 finally:
-                    os.close(fd)
+                    fds.close(fd)
         finally:
             budget.handle_fds.give(charged)
 
@@ -512,7 +512,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
                                   budget_fds=FILE_HANDLE_FDS)
             except BaseException:
                 if fd >= 0:
-                    os.close(fd)
+                    fds.close(fd)
                 budget.handle_fds.give(FILE_HANDLE_FDS)
                 raise
 
@@ -532,7 +532,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
                                  budget_fds=DIR_HANDLE_FDS)
             except BaseException:
                 if fd >= 0:
-                    os.close(fd)
+                    fds.close(fd)
                 budget.handle_fds.give(DIR_HANDLE_FDS)
                 raise
 
@@ -598,7 +598,7 @@ class JailedSFTPServer(paramiko.SFTPServerInterface):
             try:
                 return os.fstatvfs(fd)
             finally:
-                os.close(fd)
+                fds.close(fd)
 
     # -- names ------------------------------------------------------------------
     @_status_on_error
@@ -759,7 +759,7 @@ def _apply_attr_fd_dir(dir_fd: int, attr: SFTPAttributes) -> None:
     try:
         _apply_attr_fd(fd, attr)
     finally:
-        os.close(fd)
+        fds.close(fd)
 
 
 def _rename_noreplace(old: Resolved, new: Resolved) -> None:

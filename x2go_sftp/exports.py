@@ -30,6 +30,7 @@ import stat as stat_mod
 import threading
 from collections.abc import Iterable, Iterator
 
+from . import fds
 from .defaults import X2GOCLIENT_OS
 
 WINDRIVE_PREFIX = "/windrive/"
@@ -237,14 +238,14 @@ class Export:
         nst = os.fstat(fd)
         with self._lock:
             if not self._active or (nst.st_dev, nst.st_ino) == self.root_id:
-                os.close(fd)  # removed meanwhile, or another request already followed
+                fds.close(fd)  # removed meanwhile, or another request already followed
                 return
             old, self._root_fd = self._root_fd, fd
             self.root_id = (nst.st_dev, nst.st_ino)
             if self._pins.get(old):
                 self._retired.add(old)
             else:
-                os.close(old)
+                fds.close(old)
 
     def release(self, fd: int | None = None) -> None:
         """Unpin a root descriptor from :meth:`acquire` (None: the current one).
@@ -262,7 +263,7 @@ class Export:
             self._pins.pop(fd, None)
             if fd in self._retired:
                 self._retired.discard(fd)
-                os.close(fd)
+                fds.close(fd)
             elif fd == self._root_fd and not self._active:
                 self._close_fd()
 
@@ -277,7 +278,7 @@ class Export:
 
     def _close_fd(self) -> None:
         if self._root_fd >= 0:
-            os.close(self._root_fd)
+            fds.close(self._root_fd)
             self._root_fd = -1
 
     def __repr__(self) -> str:

@@ -32,6 +32,7 @@ import os
 import stat as stat_mod
 from types import TracebackType
 
+from . import fds
 from .exports import MAX_PATH_BYTES, Export, Exports, split_components, windows_name_ok
 
 # Linux SYMLOOP_MAX (40): the kernel's own limit on links followed in one lookup.
@@ -185,7 +186,7 @@ class Resolved:
         self._marks.append(self._mark(fd) if self._roots is not None else None)
         self._fds.append(fd)
         if len(self._fds) > WALK_MAX_FDS:
-            os.close(self._fds.pop(0))
+            fds.close(self._fds.pop(0))
 
     def _up(self, levels: int) -> None:
         """Climb ``levels`` directories (a run of ``..``), never above the export root."""
@@ -196,7 +197,7 @@ class Resolved:
         del self._names[len(self._names) - levels:]
         del self._marks[len(self._marks) - levels:]
         for _ in range(min(levels, len(self._fds))):
-            os.close(self._fds.pop())
+            fds.close(self._fds.pop())
         if self._names and not self._fds:
             self._refill()
 
@@ -209,7 +210,7 @@ class Resolved:
         :data:`WALK_MAX_FDS` + 1 descriptors are open at any moment.
         """
         for fd in self._fds:
-            os.close(fd)
+            fds.close(fd)
         self._fds = []
         fd = self.root_fd
         fresh: list[int] = []
@@ -228,10 +229,10 @@ class Resolved:
                 if self._roots is not None:
                     self._marks[i] = self._mark(fd)
                 if len(fresh) > WALK_MAX_FDS:
-                    os.close(fresh.pop(0))
+                    fds.close(fresh.pop(0))
         except BaseException:
             for fd in fresh:
-                os.close(fd)
+                fds.close(fd)
             raise
         self._fds = fresh
 
@@ -244,9 +245,9 @@ class Resolved:
         if self._closed:
             return
         self._closed = True
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            os.close(fd)
+        held, self._fds = self._fds, []
+        for fd in held:
+            fds.close(fd)
         self.export.release(self.root_fd)
 
     def __enter__(self) -> Resolved:
@@ -463,4 +464,4 @@ def chmod_nofollow(dir_fd: int, name: str, mode: int) -> None:
         except (NotImplementedError, ValueError):
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) from None
     finally:
-        os.close(fd)
+        fds.close(fd)
