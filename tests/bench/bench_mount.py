@@ -85,6 +85,9 @@ REMOTE_COMMAND = "cat"
 PARALLEL_MOUNTS = 8
 
 VARIANTS = ("gevent", "threads", "gevent-gcm", "threads-gcm", "openssh", "legacy", "forward", "direct")
+# Variants only on request (--variants, pairs --a/--b): "forward-gcm" is "forward" with python-x2go's
+# connection rekeyed to AES-GCM as install() does, the floor under install()'s variant (gevent-gcm).
+EXTRA_VARIANTS = ("forward-gcm",)
 # Variants without a paramiko in them: measured once per round, the baseline of every release.
 OPENSSH_ONLY = ("openssh", "direct")
 # The workers' opt-out of the asbytes fix (x2go_sftp.paramiko_compat.ASBYTES_FIX_ENV; not
@@ -98,7 +101,7 @@ ABLATION_MARK = "-no-"
 
 def is_variant(name: str) -> bool:
     base, mark, off = name.partition(ABLATION_MARK)
-    return name in VARIANTS or (bool(mark) and base in ("gevent", "threads", "gevent-gcm", "threads-gcm")
+    return name in VARIANTS or name in EXTRA_VARIANTS or (bool(mark) and base in ("gevent", "threads", "gevent-gcm", "threads-gcm")
                                 and bool(off))
 
 
@@ -176,8 +179,8 @@ class Bench:
             return self._worker(variant.removesuffix("-gcm"), "--outer-gcm")
         if variant in ("gevent", "threads", "legacy"):
             return self._worker(variant)
-        if variant == "forward":
-            return self._relay()
+        if variant in ("forward", "forward-gcm"):
+            return self._relay(variant == "forward-gcm")
         if ABLATION_MARK in variant:
             base, _, off = variant.partition(ABLATION_MARK)
             gcm = ("--outer-gcm",) if base.endswith("-gcm") else ()
@@ -216,8 +219,8 @@ class Bench:
         return Endpoint(port, lambda p: topo.known_hosts_line(p, host), lambda: [proc.pid], proc.pid, stop,
                         lambda: [proc.pid])
 
-    def _relay(self) -> Endpoint:
-        worker = self._worker("forward", "--target", str(self.local.port))
+    def _relay(self, outer_gcm: bool = False) -> Endpoint:
+        worker = self._worker("forward", "--target", str(self.local.port), *(("--outer-gcm",) if outer_gcm else ()))
         host = self.local.host_key
 
         def pids() -> list[int]:

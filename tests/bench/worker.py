@@ -84,13 +84,14 @@ class Relay:
     that keeps that connection in paramiko.
     """
 
-    def __init__(self, transport: paramiko.Transport, target: int):
-        from x2go_sftp import tuning
+    def __init__(self, transport: paramiko.Transport, target: int, outer_gcm: bool = False):
+        from x2go_sftp import paramiko_compat, tuning
 
         self.transport, self.target, self.tuning = transport, target, tuning
         tuning.set_tcp_nodelay(transport)
-        from x2go_sftp import paramiko_compat
-
+        if outer_gcm:  # as the tunnel does with outer_gcm (install()'s default)
+            paramiko_compat.answer_close_after_kex(transport)
+            tuning.rekey_outer_to_gcm(transport)
         paramiko_compat.fix_speed_defects()  # as our tunnel does for python-x2go's connection
         self.server_port = transport.request_port_forward("127.0.0.1", 0, self.handler)
 
@@ -223,7 +224,7 @@ def main() -> None:
         cpu_split.install(Path(os.environ["X2GO_BENCH_CPU_SPLIT"]), transport, args.mode != "threads")
 
     if args.mode == "forward":
-        relay = Relay(transport, args.target)
+        relay = Relay(transport, args.target, args.outer_gcm)
         port = relay.server_port
         stop = relay.stop
     elif args.mode == "legacy":
