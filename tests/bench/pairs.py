@@ -2,6 +2,7 @@
 
     python -m tests.bench.pairs                                  # gevent-gcm against openssh, every release
     python -m tests.bench.pairs --paramiko debian12 --b forward --workloads create,ls,stat --pairs 16
+    python -m tests.bench.pairs --b forward-gcm --workloads one,stat,create,ls  # install()'s own floor
     python -m tests.bench.pairs --a gevent-gcm --b gevent-gcm-no-yield --workloads stat,create  # an ablation
     python -m tests.bench.pairs --short                          # CI: 4 pairs, small sizes, Debian 12 and newest
 
