@@ -19,7 +19,8 @@ import hashlib
 import os
 import stat as stat_mod
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,11 @@ from paramiko.sftp import (
 )
 from paramiko.sftp_attr import SFTPAttributes
 
+from x2go_sftp import X2GoRevFwTunnelToSFTP
 from x2go_sftp.backend import DirHandle, FileHandle, JailedSFTPServer
+from x2go_sftp.defaults import current_local_user
 from x2go_sftp.exports import Exports
+from x2go_sftp.testing import LoopbackX2GoServer, sftp_client
 
 # The bytes every outside file holds; no reply may ever contain them.
 SECRET = b"SECRET-outside-7f3a9c"
@@ -185,8 +189,46 @@ class RawSFTP:
                 raise Refused(code, text)
         return rt, r
 
+    def pipelined(self, t: int, payloads: list[bytes]) -> list[int]:
+        """Send one request of type ``t`` per payload, all at once, then read every reply: their types."""
+        first = self._req + 1
+        self._req += len(payloads)
+        self.chan.sendall(b"".join(struct.pack(">IBI", 5 + len(p), t, first + i) + p for i, p in enumerate(payloads)))
+        return [self._recv()[0] for _ in payloads]
+
     def close(self) -> None:
         self.chan.close()
+
+
+@contextmanager
+def served(exports: Exports, key: paramiko.PKey | None = None, host_key: paramiko.PKey | None = None,
+           username: str | None = None) -> Iterator[paramiko.Transport]:
+    """A tunnel serving ``exports`` on an in-process X2Go server, and a client logged into it.
+
+    The same parts as conftest's ``make_tunnel``/``connect``, as one context:
+    for a module that shares one session, and for scripts that run in an
+    interpreter of their own (under gevent).  Keys are made when not given.
+    """
+    key = key or paramiko.RSAKey.generate(2048)
+    host_key = host_key or paramiko.RSAKey.generate(2048)
+    server = LoopbackX2GoServer()
+    outer = server.connect()
+    tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=key, exports=exports, host_key=host_key)
+    tunnel.start()
+    try:
+        assert tunnel.wait_ready(30)
+        transport, client = sftp_client(tunnel.server_port, key, username or current_local_user())
+        client.close()
+        try:
+            yield transport
+        finally:
+            transport.close()
+    finally:
+        tunnel.stop_thread()
+        tunnel.join(10)
+        outer.close()
+        server.close()
+    assert not tunnel.is_alive()
 
 
 class SFTPClientAPI:

@@ -46,10 +46,9 @@ from tests.jail_support import (
     no_such,
     read_file,
     refusal,
+    served,
 )
-from x2go_sftp import X2GoRevFwTunnelToSFTP
 from x2go_sftp.exports import Exports
-from x2go_sftp.testing import LoopbackX2GoServer, sftp_client
 
 Attack = Callable[[Sandbox, Client], None]
 ATTACKS: dict[str, tuple[str, Attack]] = {}
@@ -594,24 +593,11 @@ def tunnel_session(
     test gets a fresh SFTP channel on it and refills the shared ``Exports``.
     """
     exports = Exports()
-    server = LoopbackX2GoServer()
-    outer = server.connect()
-    tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=session_key, host_key=host_key, exports=exports)
-    tunnel.start()
     try:
-        assert tunnel.wait_ready(30)
-        transport, _ = sftp_client(tunnel.server_port, session_key, local_user)
-        try:
+        with served(exports, session_key, host_key, local_user) as transport:
             yield exports, transport
-        finally:
-            transport.close()
     finally:
-        tunnel.stop_thread()
-        tunnel.join(10)
-        outer.close()
-        server.close()
         exports.clear()
-    assert not tunnel.is_alive()
 
 
 @pytest.fixture(params=["backend", "sftp"])

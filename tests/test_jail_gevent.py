@@ -16,62 +16,53 @@ SCRIPT = r"""
 from gevent import monkey
 monkey.patch_all()
 
-import pathlib, sys, tempfile
-import paramiko
+import pathlib, tempfile
 from tests import jail_support as js
 from tests.test_jail_attacks import ATTACKS
-from x2go_sftp import X2GoRevFwTunnelToSFTP
-from x2go_sftp.defaults import current_local_user
 from x2go_sftp.exports import Exports
-from x2go_sftp.testing import LoopbackX2GoServer, sftp_client
 
 assert monkey.is_module_patched("threading") and monkey.is_module_patched("socket")
-key, host_key = paramiko.RSAKey.generate(2048), paramiko.RSAKey.generate(2048)
 shared = Exports()
-server = LoopbackX2GoServer(host_key)
-outer = server.connect()
-tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=key, exports=shared, host_key=host_key)
-tunnel.start()
-assert tunnel.wait_ready(30)
-transport, _ = sftp_client(tunnel.server_port, key, current_local_user())
-for mode in ("backend", "sftp"):
-    for name, (category, fn) in ATTACKS.items():
-        base = pathlib.Path(tempfile.mkdtemp())
-        if mode == "sftp":
-            sb = js.Sandbox(base, shared)
-            channel = transport.open_session()
-            channel.invoke_subsystem("sftp")
-            raw = js.RawSFTP(channel)
-            c = js.SFTPClientAPI(raw, str(sb.export))
-        else:
-            sb = js.Sandbox(base)
-            c = js.BackendClient(sb.exports)
-        sb.prime()
-        before = sb.snapshot()
-        fn(sb, c)
-        js.assert_unchanged(before, sb.snapshot())
-        assert js.SECRET not in c.received
-        if mode == "sftp":
-            raw.close()
-        sb.exports.clear()
-        print("ok", mode, name, flush=True)
-transport.close()
-tunnel.stop_thread()
-tunnel.join(10)
-outer.close()
-server.close()
+with js.served(shared) as transport:
+    for mode in ("backend", "sftp"):
+        for name, (category, fn) in ATTACKS.items():
+            base = pathlib.Path(tempfile.mkdtemp())
+            if mode == "sftp":
+                sb = js.Sandbox(base, shared)
+                channel = transport.open_session()
+                channel.invoke_subsystem("sftp")
+                raw = js.RawSFTP(channel)
+                c = js.SFTPClientAPI(raw, str(sb.export))
+            else:
+                sb = js.Sandbox(base)
+                c = js.BackendClient(sb.exports)
+            sb.prime()
+            before = sb.snapshot()
+            fn(sb, c)
+            js.assert_unchanged(before, sb.snapshot())
+            assert js.SECRET not in c.received
+            if mode == "sftp":
+                raw.close()
+            sb.exports.clear()
+            print("ok", mode, name, flush=True)
 """
+
+
+def run_patched(script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter from the repository root; it must exit 0."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=root
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res
 
 
 def test_attacks_under_gevent() -> None:
     from tests.test_jail_attacks import ATTACKS
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env, cwd=root
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    res = run_patched(SCRIPT)
     done = [line for line in res.stdout.splitlines() if line.startswith("ok ")]
     assert len(done) == 2 * len(ATTACKS), res.stdout[-2000:]
 
@@ -86,12 +77,10 @@ BURST_SCRIPT = r"""
 from gevent import monkey
 monkey.patch_all()
 
-import gevent, os, posix, resource, struct, sys, tempfile
-import paramiko
-from x2go_sftp import X2GoRevFwTunnelToSFTP, jail
-from x2go_sftp.defaults import current_local_user
+import gevent, os, posix, resource, tempfile
+from tests import jail_support as js
+from x2go_sftp import jail
 from x2go_sftp.exports import Exports
-from x2go_sftp.testing import LoopbackX2GoServer, sftp_client
 
 DEPTH, BURST, HEADROOM = 20, 500, 64
 print("gevent", gevent.__version__, "defers os.close:", os.close is not posix.close, flush=True)
@@ -114,57 +103,23 @@ assert open_fds() == before, f"{open_fds() - before} descriptors still open afte
 print("ok walks", flush=True)
 
 # A real SFTP session under gevent, the requests sent at once.
-key, host_key = paramiko.RSAKey.generate(2048), paramiko.RSAKey.generate(2048)
-server = LoopbackX2GoServer(host_key)
-outer = server.connect()
-tunnel = X2GoRevFwTunnelToSFTP(0, outer, auth_key=key, exports=exports, host_key=host_key)
-tunnel.start()
-assert tunnel.wait_ready(30)
-transport, client = sftp_client(tunnel.server_port, key, current_local_user())
-client.close()
-chan = transport.open_session()
-chan.invoke_subsystem("sftp")
-
-def exact(n):
-    out = b""
-    while len(out) < n:
-        piece = chan.recv(n - len(out))
-        assert piece, "the session ended"
-        out += piece
-    return out
-
-def reply():
-    (n,) = struct.unpack(">I", exact(4))
-    data = exact(n)
-    return data[0], data[1:]
-
-chan.sendall(struct.pack(">IBI", 5, 1, 3))
-assert reply()[0] == 2  # VERSION
-before = open_fds()
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (before + HEADROOM, hard))
-path = deep.encode()
-chan.sendall(b"".join(struct.pack(">IBII", 9 + len(path), 7, i + 1, len(path)) + path for i in range(BURST)))
-kinds = [reply()[0] for _ in range(BURST)]
-resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-failed = BURST - kinds.count(105)  # SSH_FXP_ATTRS
-assert not failed, f"{failed} of {BURST} LSTATs failed"
-assert open_fds() == before, f"{open_fds() - before} descriptors more after the burst"
-print("ok sftp", flush=True)
-chan.close()
-transport.close()
-tunnel.stop_thread()
-tunnel.join(10)
-outer.close()
-server.close()
+with js.served(exports) as transport:
+    chan = transport.open_session()
+    chan.invoke_subsystem("sftp")
+    raw = js.RawSFTP(chan)
+    before = open_fds()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (before + HEADROOM, hard))
+    kinds = raw.pipelined(js.LSTAT, [js._string(deep)] * BURST)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    failed = BURST - kinds.count(js.ATTRS)
+    assert not failed, f"{failed} of {BURST} LSTATs failed"
+    assert open_fds() == before, f"{open_fds() - before} descriptors more after the burst"
+    print("ok sftp", flush=True)
+    raw.close()
 """
 
 
 def test_a_burst_of_deep_lookups_under_gevent_closes_each_walks_descriptors_at_once() -> None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run(
-        [sys.executable, "-c", BURST_SCRIPT], capture_output=True, text=True, timeout=300, env=env, cwd=root
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    res = run_patched(BURST_SCRIPT)
     assert "ok walks" in res.stdout and "ok sftp" in res.stdout, res.stdout
