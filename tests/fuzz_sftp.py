@@ -159,8 +159,8 @@ NAME_POOL = 24
 # Every client-side thread (our paramiko transports) carries this prefix.
 CLIENT_THREAD_PREFIX = "fuzz-client"
 
-# Entries in the export's listing directory: more than one READDIR reply (100 names).
-LISTING_ENTRIES = 150
+# Entries in the export's listing directory: more than one READDIR reply (engine.READDIR_MAX_NAMES).
+LISTING_ENTRIES = 600
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")

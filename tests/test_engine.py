@@ -741,14 +741,17 @@ def _list_all(raw: RawSFTP, path: str) -> list[list[tuple[bytes, bytes, dict[str
     return batches
 
 
-def test_readdir_batches_of_at_most_100(raw: RawSFTP, export_dir: str) -> None:
+def test_readdir_batches_of_at_most_readdir_max_names(raw: RawSFTP, export_dir: str) -> None:
+    """Short names: the byte budget would take more than READDIR_MAX_NAMES a reply; the count stops it."""
     os.mkdir(P(export_dir, "many"))
-    names = {f"file-{i:04d}" for i in range(345)}
+    count = 2 * eng.READDIR_MAX_NAMES + 100
+    names = {f"file-{i:04d}" for i in range(count)}
     for n in names:
         Path(P(export_dir, "many", n)).write_bytes(n.encode())
+    raw.reply_sizes.clear()
     batches = _list_all(raw, P(export_dir, "many"))
-    assert all(len(b) <= 100 for b in batches)
-    assert len(batches) == 4  # 347 entries with . and ..
+    assert [len(b) for b in batches] == [eng.READDIR_MAX_NAMES, eng.READDIR_MAX_NAMES, 102]  # with . and ..
+    assert max(raw.reply_sizes) + 4096 < eng.READDIR_MAX_BYTES  # the count bound, not the byte budget
     listed = [n for b in batches for n, _, _ in b]
     assert sorted(listed) == sorted([b".", b".."] + [n.encode() for n in names])  # each exactly once
     for b in batches:
@@ -898,7 +901,7 @@ def test_readdir_streams_from_the_directory(tmp_path: Path) -> None:
     """The engine asks the open directory for one batch per READDIR, never for the whole listing."""
     export = tmp_path / "e"
     export.mkdir()
-    for i in range(250):
+    for i in range(eng.READDIR_MAX_NAMES + 150):
         (export / f"f{i}").write_bytes(b"")
     _RecordingDirHandle.asked = []
     _RecordingServer.whole_listings = 0
@@ -907,10 +910,10 @@ def test_readdir_streams_from_the_directory(tmp_path: Path) -> None:
         with engine_over_socketpair(_RecordingServer, exports=exports) as raw:
             d = raw.opendir(str(export))
             first = raw.names(READDIR, s(d))
-            assert isinstance(first, list) and len(first) == 100
+            assert isinstance(first, list) and len(first) == eng.READDIR_MAX_NAMES
             assert _RecordingDirHandle.asked == [eng.READDIR_MAX_NAMES]  # one batch read for one reply
             rest = _list_all(raw, str(export))
-            assert sum(len(b) for b in rest) == 252
+            assert sum(len(b) for b in rest) == eng.READDIR_MAX_NAMES + 152  # a listing of its own, . and .. too
             assert _RecordingServer.whole_listings == 0
     finally:
         exports.clear()

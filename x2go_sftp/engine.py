@@ -169,10 +169,17 @@ MAX_OPEN_HANDLES = 256
 # for; every other reply we build is kept under this.
 SSHFS_MAX_REPLY = 128 * 1024
 
-# READDIR batch: OpenSSH sends at most 100 names a reply.  The byte budget keeps
-# every reply far below SSHFS_MAX_REPLY even with 255-byte names, long user
-# names and "ls -l" lines (one entry is under 1 KiB).
-READDIR_MAX_NAMES = 100
+# READDIR batch.  The byte budget is the bound that matters: it keeps every
+# reply far below SSHFS_MAX_REPLY even with 255-byte names, long user names and
+# "ls -l" lines (one entry is under 1 KiB).  OpenSSH's sftp-server stops at 100
+# names a reply ("XXX check packet size instead", says its source); a round trip
+# costs it little in C, but here each READDIR costs python-x2go's paramiko hop
+# and our session about 150 us of CPU.  So the count only bounds the work one
+# READDIR does (an lstat and an encoding per name, about 2 ms for 512), and the
+# byte budget decides: ordinary names fill a reply at about 500, so a listing of
+# 2000 takes 4 READDIRs instead of 20 (`ls -l` 5 % faster, 16-18 % less CPU,
+# docs/performance-notebook.md round 15).
+READDIR_MAX_NAMES = 512
 READDIR_MAX_BYTES = 64 * 1024
 
 # Exit statuses sent on the session channel when the subsystem ends, as sshd

@@ -12,7 +12,7 @@ standard input closes.  ``--disable`` switches single optimisations off to
 measure what each buys (nodelay, gcm, pipe, fit, readahead, hold, fastpath, ack; command: no remote command, a forward-only connection;
 asbytes: paramiko 2.x's own asbytes, which formats the repr of every packet sent; maccmp: paramiko's
 own MAC comparison, a Python loop per packet received; wb: WRITEs done in the session's greenlet,
-no write-behind thread); ``--outer-gcm``
+no write-behind thread; dirbatch: READDIR replies of at most 100 names, as OpenSSH's); ``--outer-gcm``
 turns on the opt-in rekey of the outer connection to AES-GCM.
 
 The library's tunnel applies x2go_sftp.paramiko_compat.fix_speed_defects
@@ -190,6 +190,10 @@ def disable(names: list[str]) -> None:
             os.environ["X2GO_SFTP_ASBYTES_FIX"] = "0"  # the opt-out, read when the tunnel is made
         elif name == "maccmp":
             os.environ["X2GO_SFTP_MAC_COMPARE_FIX"] = "0"  # the opt-out, read when the tunnel is made
+        elif name == "dirbatch":
+            from x2go_sftp import engine
+
+            engine.READDIR_MAX_NAMES = 100  # OpenSSH's sftp-server's batch
         elif name == "wb":
             from x2go_sftp.engine import SFTPEngine
 
