@@ -177,8 +177,8 @@ SSHFS_MAX_REPLY = 128 * 1024
 # and our session about 150 us of CPU.  So the count only bounds the work one
 # READDIR does (an lstat and an encoding per name, about 2 ms for 512), and the
 # byte budget decides: ordinary names fill a reply at about 500, so a listing of
-# 2000 takes 4 READDIRs instead of 20 (`ls -l` 5 % faster, 16-18 % less CPU,
-# docs/performance-notebook.md round 15).
+# 2000 takes 4 READDIRs instead of 20 (`ls -l` 0-8 % faster, with 4-18 % less
+# CPU in python-x2go's process: docs/performance-notebook.md round 15).
 READDIR_MAX_NAMES = 512
 READDIR_MAX_BYTES = 64 * 1024
 
