@@ -868,10 +868,15 @@ def engine_over_socketpair(sftp_si: type, **kwargs: Any) -> Iterator[RawSFTP]:
 
 class _RecordingDirHandle(DirHandle):
     asked: ClassVar[list[int]] = []
+    given_back: ClassVar[list[int]] = []
 
     def read_stats(self, max_names: int) -> list[Any] | int:
         type(self).asked.append(max_names)
         return super().read_stats(max_names)
+
+    def push_back(self, entries: list[tuple[str, os.stat_result]]) -> None:
+        type(self).given_back.append(len(entries))
+        super().push_back(entries)
 
 
 def _opening_dirs_as(handle_class: type[DirHandle]) -> type[JailedSFTPServer]:
@@ -911,12 +916,39 @@ def test_readdir_streams_from_the_directory(tmp_path: Path) -> None:
             d = raw.opendir(str(export))
             first = raw.names(READDIR, s(d))
             assert isinstance(first, list) and len(first) == eng.READDIR_MAX_NAMES
-            assert _RecordingDirHandle.asked == [eng.READDIR_MAX_NAMES]  # one batch read for one reply
+            # One reply's names, read a few at a time; never the whole directory.
+            assert sum(_RecordingDirHandle.asked) == eng.READDIR_MAX_NAMES
+            assert max(_RecordingDirHandle.asked) == eng.READDIR_READ_NAMES
             rest = _list_all(raw, str(export))
             assert sum(len(b) for b in rest) == eng.READDIR_MAX_NAMES + 152  # a listing of its own, . and .. too
             assert _RecordingServer.whole_listings == 0
     finally:
         exports.clear()
+
+
+def test_readdir_gives_back_at_most_one_read_of_names(tmp_path: Path) -> None:
+    """Long names: the byte budget ends each reply; an open directory keeps at most READDIR_READ_NAMES read ahead.
+
+    Read all at once, each reply would read READDIR_MAX_NAMES names and give
+    back the ~400 that do not fit, for every open directory of every session.
+    """
+    export = tmp_path / "e"
+    export.mkdir()
+    names = {f"{i:03d}" + "n" * 252 for i in range(600)}  # 255 bytes: about 100 names fill a reply
+    for n in names:
+        (export / n).write_bytes(b"")
+    _RecordingDirHandle.asked, _RecordingDirHandle.given_back = [], []
+    exports = Exports([str(export)])
+    try:
+        with engine_over_socketpair(_opening_dirs_as(_RecordingDirHandle), exports=exports) as raw:
+            batches = _list_all(raw, str(export))
+    finally:
+        exports.clear()
+    assert {n for b in batches for n, _, _ in b} == {b".", b".."} | {n.encode() for n in names}
+    assert sum(len(b) for b in batches) == 602  # each name once
+    assert len(batches) >= 6 and all(len(b) < eng.READDIR_MAX_NAMES for b in batches)  # the byte budget ended them
+    assert _RecordingDirHandle.given_back and max(_RecordingDirHandle.given_back) < eng.READDIR_READ_NAMES
+    assert max(_RecordingDirHandle.asked) <= eng.READDIR_READ_NAMES
 
 
 class _HidingDirHandle(DirHandle):

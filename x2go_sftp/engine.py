@@ -130,6 +130,7 @@ __all__ = [
     "MAX_WRITE_LENGTH",
     "READDIR_MAX_BYTES",
     "READDIR_MAX_NAMES",
+    "READDIR_READ_NAMES",
     "RECV_CHUNK",
     "SFTP_VERSION",
     "SSH2_FXE_STATVFS_ST_NOSUID",
@@ -181,6 +182,12 @@ SSHFS_MAX_REPLY = 128 * 1024
 # CPU in python-x2go's process: docs/performance-notebook.md round 15).
 READDIR_MAX_NAMES = 512
 READDIR_MAX_BYTES = 64 * 1024
+# Names a READDIR reads from the directory at a time.  Names read that the
+# reply's byte budget cannot take go back to the open directory for the next
+# READDIR, so an open directory holds at most this many read ahead (under
+# 64 x 0.6 KiB with 255-byte names), whatever READDIR_MAX_NAMES is.  OpenSSH's
+# sftp-server reads one name at a time and holds none.
+READDIR_READ_NAMES = 64
 
 # Exit statuses sent on the session channel when the subsystem ends, as sshd
 # reports OpenSSH's sftp-server exiting: 0 at the client's EOF, 11 for an
@@ -758,44 +765,48 @@ class SFTPEngine(paramiko.SFTPServer):
         read_stats = getattr(folder, "read_stats", None)
         if read_stats is not None:
             # Our backend's DirHandle: each entry encoded straight from its lstat().
-            stats = read_stats(READDIR_MAX_NAMES)
-            if isinstance(stats, list):
-                entry_of = self.long_names.entry
-                self._send_entries(request_number, folder, stats, lambda item: entry_of(item[0], item[1], now))
-            else:
-                self._send_status(request_number, stats)
+            entry_of = self.long_names.entry
+            self._send_entries(request_number, folder, read_stats, lambda item: entry_of(item[0], item[1], now))
             return
         read_batch = getattr(folder, "read_batch", None)
-        batch = read_batch(READDIR_MAX_NAMES) if read_batch is not None else paramiko_compat.next_folder_batch(folder)
-        if not isinstance(batch, list):
-            self._send_status(request_number, batch)
-            return
+        if read_batch is None:
+            read_batch = lambda n: paramiko_compat.next_folder_batch(folder)  # noqa: E731
         longname = self.long_names.longname
-        self._send_entries(request_number, folder, batch, lambda attr: (
+        self._send_entries(request_number, folder, read_batch, lambda attr: (
             pack_string(encode(attr.filename)) + pack_string(longname(attr, now)) + pack_attrs(attr)))
 
-    def _send_entries(self, request_number: int, folder: Any, batch: list[Any],
+    def _send_entries(self, request_number: int, folder: Any, read: Callable[[int], Any],
                       encode_entry: Callable[[Any], bytes]) -> None:
-        """A NAME reply of ``batch`` within :data:`READDIR_MAX_BYTES`; EOF for an empty one.
+        """One NAME reply: up to :data:`READDIR_MAX_NAMES` names within :data:`READDIR_MAX_BYTES`; EOF at the end.
 
-        What does not fit goes back to the folder (``push_back``) for the next READDIR.
+        Names are read :data:`READDIR_READ_NAMES` at a time (``read(n)``: a
+        list, or a status when the directory fails); those that do not fit go
+        back to the folder (``push_back``) for the next READDIR.  A folder
+        that cannot take names back is read once per READDIR.
         """
-        if not batch:
-            self._send_status(request_number, SFTP_EOF)
-            return
+        push_back = getattr(folder, "push_back", None)
         entries: list[bytes] = []
         size = 0
-        for i, item in enumerate(batch[:READDIR_MAX_NAMES]):
-            entry = encode_entry(item)
-            if entries and size + len(entry) > READDIR_MAX_BYTES:
-                # Over budget: hand the rest back for the next READDIR.
-                push_back = getattr(folder, "push_back", None)
-                if push_back is not None:
-                    push_back(batch[i:])
+        while len(entries) < READDIR_MAX_NAMES:
+            batch = read(min(READDIR_READ_NAMES, READDIR_MAX_NAMES - len(entries)))
+            if not isinstance(batch, list):
+                self._send_status(request_number, batch)  # the names read so far in this READDIR are lost
+                return
+            for i, item in enumerate(batch):
+                entry = encode_entry(item)
+                if entries and (size + len(entry) > READDIR_MAX_BYTES or len(entries) >= READDIR_MAX_NAMES):
+                    if push_back is not None:
+                        push_back(batch[i:])
+                    self._send_names(request_number, entries)
+                    return
+                entries.append(entry)
+                size += len(entry)
+            if not batch or push_back is None:
                 break
-            entries.append(entry)
-            size += len(entry)
-        self._send_names(request_number, entries)
+        if entries:
+            self._send_names(request_number, entries)
+        else:
+            self._send_status(request_number, SFTP_EOF)
 
     def _do_fstat(self, request_number: int, req: Reader) -> None:
         f = self._file(request_number, req.handle())
