@@ -67,8 +67,7 @@ def yield_wanted() -> bool:
     return YIELD_TO_READER and not defaults.opted_out(YIELD_ENV) and defaults.gevent_patched("time")
 
 
-_FOUR_ZEROS = bytes(4)  # FIONREAD's int, as ioctl's in-out buffer
-_INT = struct.Struct("i")
+_INT = struct.Struct("i")  # FIONREAD's answer
 
 
 def drained_check(sock: Any) -> Callable[[], bool] | None:
@@ -78,21 +77,29 @@ def drained_check(sock: Any) -> Callable[[], bool] | None:
     for (a ``ProxyCommand``, a closed socket, a platform without ``fcntl``).
     The test says False (not drained) if asking fails later, e.g. once the
     socket is closed.
+
+    The kernel's answer goes into a ``bytearray`` of the test's own.  Given
+    immutable ``bytes``, ``fcntl.ioctl`` first tries the argument as a
+    writable buffer, builds and discards a ``TypeError`` for it (a formatted
+    message included), and only then copies the bytes: twice the cost of the
+    call (0.52 against 0.25 us here), on every small request under gevent.
     """
+    answer = bytearray(_INT.size)
     try:
         import fcntl
         import termios
 
-        fcntl.ioctl(sock.fileno(), termios.FIONREAD, _FOUR_ZEROS)
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, answer, True)
     except Exception:  # any failure: no check, so no yield
         return None
-    ioctl, fionread, fileno = fcntl.ioctl, termios.FIONREAD, sock.fileno
+    ioctl, fionread, fileno, unpack = fcntl.ioctl, termios.FIONREAD, sock.fileno, _INT.unpack_from
 
     def drained() -> bool:
         try:
-            waiting: int = _INT.unpack(ioctl(fileno(), fionread, _FOUR_ZEROS))[0]
+            ioctl(fileno(), fionread, answer, True)
         except (OSError, ValueError):
             return False
+        waiting: int = unpack(answer)[0]
         return waiting == 0
 
     return drained
