@@ -76,3 +76,35 @@ def test_cpu_is_read_in_nanoseconds_from_every_thread() -> None:
         t.join()
     assert during - before >= 20_000_000
     assert topo.cpu_ns([2**22 + 12345]) == 0  # a process that is not there costs nothing
+
+
+# -- tests/bench/hotspots.py: charging perf samples to Python functions ----------------
+PERF_SCRIPT = """\
+\t    ffffffff8142d2f0 do_syscall_64
+\t          29ec30 os_stat_impl
+\t          10d6a0 _PyEval_EvalFrameDefault
+\t    7f3c778c222c py::JailedSFTPServer._stat:/venv/lib/python3.13/site-packages/x2go_sftp/backend.py
+\t    7f3c778c2000 py::SFTPEngine._process:/venv/lib/python3.13/site-packages/x2go_sftp/engine.py
+
+\t          10d6a0 _PyEval_EvalFrameDefault
+\t    7f3c778c0da2 py::Packetizer.read_all:/venv/lib/python3.13/site-packages/paramiko/packet.py
+
+\t          10d6a0 _PyEval_EvalFrameDefault
+\t    7f3c778c222c py::JailedSFTPServer._stat:/venv/lib/python3.13/site-packages/x2go_sftp/backend.py
+
+\t    ffffffff81000000 schedule
+\t           4d991 ev_run
+"""
+
+
+def test_hotspots_charge_each_sample_to_its_innermost_python_function() -> None:
+    from tests.bench import hotspots
+
+    stacks = hotspots.samples(PERF_SCRIPT)
+    assert len(stacks) == 4
+    funcs, modules, kernel = hotspots.charge(stacks)
+    stat = "JailedSFTPServer._stat (x2go_sftp/backend.py)"
+    # The caller (_process) gets nothing: the sample is the innermost function's, C and kernel included.
+    assert funcs == {stat: 2, "Packetizer.read_all (paramiko/packet.py)": 1, "(native) ev_run": 1}
+    assert modules["x2go_sftp/backend.py"] == 2 and modules["paramiko/packet.py"] == 1
+    assert kernel == {stat: 1, "(native) ev_run": 1}  # one of _stat's two samples was in a system call
