@@ -97,11 +97,9 @@ def charge(stacks: list[list[tuple[str, bool]]]) -> tuple[collections.Counter[st
         else:
             func, module = _where(stack[py][0])
             key = f"{func} ({module})"
-            if any(k for _, k in stack[:py]):
-                kernel[key] += 1
         funcs[key] += 1
         modules[module] += 1
-        if py is None and any(k for _, k in stack):
+        if any(in_kernel for _, in_kernel in stack[:py]):  # below the Python frame, or anywhere without one
             kernel[key] += 1
     return funcs, modules, kernel
 
