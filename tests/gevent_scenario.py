@@ -58,6 +58,36 @@ def wait_until(condition, timeout: float = 20.0) -> bool:
     return condition()
 
 
+def gevent_waits_in(files: tuple[str, ...], work) -> tuple[int, int]:
+    """While ``work()`` runs: (gevent lock acquisitions made in ``files``, gevent Timeouts made with them on the stack)."""
+    import gevent.thread
+    import gevent.timeout
+
+    counts = [0, 0]
+    acquire, make_timeout = gevent.thread.LockType.acquire, gevent.timeout.Timeout.__init__
+
+    def ours(frame) -> bool:
+        return frame is not None and os.path.basename(frame.f_code.co_filename) in files
+
+    def counting_acquire(self, *args, **kwargs):
+        counts[0] += ours(sys._getframe(1))
+        return acquire(self, *args, **kwargs)
+
+    def counting_timeout(self, *args, **kwargs):
+        frame = sys._getframe(1)
+        while frame is not None and not ours(frame):
+            frame = frame.f_back
+        counts[1] += frame is not None
+        return make_timeout(self, *args, **kwargs)
+
+    gevent.thread.LockType.acquire, gevent.timeout.Timeout.__init__ = counting_acquire, counting_timeout
+    try:
+        work()
+    finally:
+        gevent.thread.LockType.acquire, gevent.timeout.Timeout.__init__ = acquire, make_timeout
+    return counts[0], counts[1]
+
+
 def main() -> int:
     assert monkey.is_module_patched("threading") and monkey.is_module_patched("socket")
     user = current_local_user()
@@ -89,6 +119,20 @@ def main() -> int:
     assert pipes and all(isinstance(p, tuning.ChunkPipe) for p in pipes), pipes
     assert sum(p.yields for p in pipes) > 0
     step("session")
+
+    # Small requests on the fast path: the channel pipes' and the exports' locks are
+    # the operating system's (defaults.native_lock), and the engine waits for the
+    # channel without a gevent Timeout (tuning.ReadAheadSocket.recv_untimed).  With
+    # gevent's lock there, four or more acquisitions per request; with a timed wait
+    # one Timeout each.
+    engine = sessions.live[-1]
+    lean_before = engine.fast.packets_in
+    locks, timeouts = gevent_waits_in(("tuning.py", "exports.py"), lambda: [
+        client.listdir(folder) for _ in range(3)] + [
+        client.stat(folder + "/a.txt") for _ in range(200)])
+    assert engine.fast.packets_in - lean_before >= 200, (engine.fast.packets_in, lean_before)
+    assert (locks, timeouts) == (0, 0), (locks, timeouts)
+    step("small-requests")
 
     # WRITEs go to a native thread (x2go_sftp.writebehind): pipelined, the
     # file is right, the thread lives as long as the session and no longer.

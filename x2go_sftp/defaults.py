@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import threading
+from typing import Any
 
 import paramiko
 
@@ -30,6 +31,27 @@ def gevent_patched(module: str = "threading") -> bool:
     """True if gevent's monkey patching has made ``module`` cooperative (no import of gevent)."""
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and bool(monkey.is_module_patched(module))
+
+
+# native_lock() gives the operating system's lock under gevent too; off only to measure what it buys.
+NATIVE_LOCKS = True
+
+
+def native_lock() -> Any:
+    """A lock of the operating system's, even where gevent has patched ``threading``.
+
+    Only for critical sections that never block, wait or switch greenlets
+    (a few list and counter updates, setting an ``Event``): there it is
+    correct under greenlets and threads alike, as no other greenlet can run
+    while it is held.  Under gevent's monkey patching ``threading.Lock()`` is
+    gevent's, whose ``acquire`` is a Python function (about 1 us, against
+    0.05 us here); the hot paths take such locks several times per request.
+    Without gevent's patching this is ``threading.Lock()``.
+    """
+    monkey = sys.modules.get("gevent.monkey")
+    if NATIVE_LOCKS and monkey is not None and monkey.is_module_patched("threading"):
+        return monkey.get_original("_thread", "allocate_lock")()
+    return threading.Lock()
 
 
 def opted_out(env: str) -> bool:

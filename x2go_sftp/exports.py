@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterable, Iterator
 
 from . import fds
-from .defaults import X2GOCLIENT_OS
+from .defaults import X2GOCLIENT_OS, native_lock
 
 WINDRIVE_PREFIX = "/windrive/"
 UNCPATH_PREFIX = "/uncpath/"
@@ -179,7 +179,9 @@ class Export:
         # descriptors of a walk, that it entered another export's root; and
         # how a request sees that the path now names another directory.
         self.root_id = (st.st_dev, st.st_ino)
-        self._lock = threading.Lock()
+        # Taken twice by every request (acquire, release), never held across a
+        # wait: the operating system's lock even under gevent (native_lock).
+        self._lock = native_lock()
         # Walks pinning each root descriptor (the current one, and replaced
         # ones that running walks still use), and the replaced ones.
         self._pins: dict[int, int] = {}

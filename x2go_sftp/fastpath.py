@@ -50,13 +50,17 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST, cMSG_CHANNEL_WINDOW_ADJUST
 from paramiko.packet import NeedRekeyException
 
-from . import log, paramiko_compat
+from . import defaults, log, paramiko_compat
 
 # Switch the fast path off (to measure what it buys, or to rule it out).
 ENABLED = True
 
 # How often a parked paramiko thread re-checks that its transport still lives.
 PARK_RECHECK = 2.0  # close(), give_back() and release() wake it at once; this is a safety net
+
+# Under gevent's patching, wait for the channel without a timeout (see SessionIO.__init__);
+# off only to measure what it buys.
+RECV_UNTIMED = True
 
 # Largest inner packet accepted on the fast path: OpenSSH's PACKET_MAX_SIZE, as on paramiko's path.
 MAX_PACKET = paramiko_compat.PACKET_MAX_SIZE
@@ -257,6 +261,12 @@ class SessionIO:
             sock = paramiko_compat.packetizer_socket(pk)
             if hasattr(sock, "read_buffered"):
                 self.pk, self.sock = pk, sock
+        # Under gevent the fast path reads without a timeout (ReadAheadSocket.recv_untimed): a
+        # timed wait costs a gevent Timeout per request there.  With threads a timed wait costs
+        # nothing more, and the timeout stays as a safety net.
+        untimed = getattr(self.sock, "recv_untimed", None)
+        self._sock_recv: Any = (untimed if untimed is not None and RECV_UNTIMED and defaults.gevent_patched()
+                                else getattr(self.sock, "recv", None))
         self.lean = False
         # The framing of each direction, fixed when paramiko parks (ciphers change only in a key
         # exchange, and any key exchange message hands the transport back first).
@@ -483,7 +493,7 @@ class SessionIO:
         parts: list[bytes] = []
         while n > 0:
             try:
-                x = self.sock.recv(n)
+                x = self._sock_recv(n)
             except TimeoutError:
                 if self.pk is None or self.pk.closed or not self.transport.is_active():
                     raise EOFError() from None

@@ -292,7 +292,10 @@ class ChunkPipe(BufferedPipe):  # type: ignore[type-arg]
         self._feeder_drained = feeder_drained
         self._reader_waits = False  # a reader is (or was about to be) blocked in read(): a hint
         self.yields = 0  # times feed() let the reader run first (tests, logs)
-        self._mutex = threading.Lock()
+        # Taken three or four times per request; nothing under it waits or
+        # switches greenlets (setting an Event does not): the operating
+        # system's lock even under gevent (defaults.native_lock).
+        self._mutex = defaults.native_lock()
         # Wakes a reader waiting for data, EOF or a handover: set by whoever brings
         # one, cleared (under the mutex) by a reader that found none.  An Event
         # rather than a Condition: under gevent a hand-off through gevent's
@@ -499,6 +502,27 @@ class ReadAheadSocket(ChannelSocket):
             out, self._buf, self._pos = self._buf, b"", 0
             return out
         return self._buf[start:self._pos]
+
+    def recv_untimed(self, nbytes: int) -> bytes:
+        """:meth:`recv`, but a wait for the channel ends only with data, EOF or the channel's close.
+
+        For a channel's one reader (the fast path, while paramiko's thread is
+        parked), under gevent: there each timed wait makes, starts and
+        cancels a gevent ``Timeout``, once per small request.  A timeout is
+        not needed for liveness: the channel's close, whether ours, the
+        peer's or the end of python-x2go's connection (paramiko unlinks
+        every channel then), closes its pipe, which wakes the reader with
+        EOF.
+        """
+        chan = self._chan
+        if self._pos < len(self._buf) or chan.gettimeout() is None:
+            return self.recv(nbytes)
+        timeout = chan.gettimeout()
+        chan.settimeout(None)
+        try:
+            return self.recv(nbytes)
+        finally:
+            chan.settimeout(timeout)
 
     def read_buffered(self) -> int:
         """Bytes read ahead and not yet taken."""

@@ -194,6 +194,14 @@ def disable(names: list[str]) -> None:
             from x2go_sftp import engine
 
             engine.READDIR_MAX_NAMES = 100  # OpenSSH's sftp-server's batch
+        elif name == "locks":
+            from x2go_sftp import defaults
+
+            defaults.NATIVE_LOCKS = False
+        elif name == "untimed":
+            from x2go_sftp import fastpath
+
+            fastpath.RECV_UNTIMED = False
         elif name == "wb":
             from x2go_sftp.engine import SFTPEngine
 
