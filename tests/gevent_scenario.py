@@ -138,6 +138,7 @@ def main() -> int:
     # file is right, the thread lives as long as the session and no longer.
     threads_idle = os_threads()
     t2, c2 = sftp_client(tunnel.server_port, key, user)
+    t2.packetizer.REKEY_BYTES = 256 * 1024  # this client asks for new keys every 256 KiB
     data = os.urandom(4 << 20)
     with c2.open(folder + "/piped", "wb") as f:
         f.set_pipelined(True)
@@ -148,6 +149,10 @@ def main() -> int:
         assert hashlib.sha256(local.read()).digest() == hashlib.sha256(data).digest()
     engine = sessions.live[-1]
     assert engine.writes_behind >= len(data) // 32768, engine.writes_behind
+    # Key exchanges went back to paramiko; the fast path (waiting without a timeout) resumes after them.
+    for _ in range(5):
+        c2.stat(folder + "/piped")
+    assert 1 <= engine.fast.handed_back < engine.fast.stretches, (engine.fast.handed_back, engine.fast.stretches)
     t2.close()
     assert wait_until(lambda: engine not in sessions.live and os_threads() == threads_idle)
     os.unlink(os.path.join(folder, "piped"))
@@ -185,6 +190,27 @@ def main() -> int:
     assert sorted(client.listdir(folder)) == ["a.txt", "big"]
     transport.close()
     step("pause-resume")
+
+    # python-x2go's connection dropping under a session that waits for its next request (on the
+    # fast path, without a timeout): paramiko closes the channel's pipe, the session ends.
+    outer2 = server.connect()
+    sessions2 = Sessions()
+    tunnel2 = X2GoRevFwTunnelToSFTP(0, outer2, auth_key=key, exports=[folder], host_key=host_key,
+                                    session_observer=sessions2)
+    tunnel2.start()
+    assert tunnel2.wait_ready(30)
+    t3, c3 = sftp_client(tunnel2.server_port, key, user)
+    for _ in range(20):
+        c3.stat(folder + "/a.txt")
+    waiting = sessions2.live[-1]
+    assert waiting.fast.packets_in > 0
+    outer2.close()
+    assert wait_until(lambda: not sessions2.live), sessions2.live
+    t3.close()
+    tunnel2.stop_thread()
+    tunnel2.join(10)
+    assert not tunnel2.is_alive()
+    step("outer-gone")
 
     for t in (tunnel, snd):
         t.stop_thread()

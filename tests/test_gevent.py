@@ -19,12 +19,13 @@ def test_tunnel_under_gevent_monkey_patching():
         cwd=root,
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.split("\n")[:7] == [
+    assert res.stdout.split("\n")[:8] == [
         "ok ready",
         "ok session",
         "ok small-requests",
         "ok write-behind",
         "ok routing",
         "ok pause-resume",
+        "ok outer-gone",
         "ok stopped",
     ]
