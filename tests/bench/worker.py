@@ -12,7 +12,8 @@ standard input closes.  ``--disable`` switches single optimisations off to
 measure what each buys (nodelay, gcm, pipe, fit, readahead, hold, fastpath, ack; command: no remote command, a forward-only connection;
 asbytes: paramiko 2.x's own asbytes, which formats the repr of every packet sent; maccmp: paramiko's
 own MAC comparison, a Python loop per packet received; wb: WRITEs done in the session's greenlet,
-no write-behind thread; dirbatch: READDIR replies of at most 100 names, as OpenSSH's); ``--outer-gcm``
+no write-behind thread; dirbatch: READDIR replies of at most 100 names, as OpenSSH's; locks: gevent's
+locks for the channel pipe and the exports; untimed: the fast path's channel reads with paramiko's timeout); ``--outer-gcm``
 turns on the opt-in rekey of the outer connection to AES-GCM.
 
 The library's tunnel applies x2go_sftp.paramiko_compat.fix_speed_defects
