@@ -515,9 +515,9 @@ class ReadAheadSocket(ChannelSocket):
         EOF.
         """
         chan = self._chan
-        if self._pos < len(self._buf) or chan.gettimeout() is None:
-            return self.recv(nbytes)
         timeout = chan.gettimeout()
+        if timeout is None or self._pos < len(self._buf):
+            return self.recv(nbytes)
         chan.settimeout(None)
         try:
             return self.recv(nbytes)
