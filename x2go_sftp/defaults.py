@@ -49,9 +49,8 @@ def native_lock() -> Any:
     machine of notebook round 17), and the hot paths take such locks several
     times per request.  Without gevent's patching this is ``threading.Lock()``.
     """
-    monkey = sys.modules.get("gevent.monkey")
-    if NATIVE_LOCKS and monkey is not None and monkey.is_module_patched("threading"):
-        return monkey.get_original("_thread", "allocate_lock")()
+    if NATIVE_LOCKS and gevent_patched("threading"):
+        return sys.modules["gevent.monkey"].get_original("_thread", "allocate_lock")()
     return threading.Lock()
 
 
