@@ -93,7 +93,8 @@ def main() -> int:
     user = current_local_user()
     key = paramiko.RSAKey.generate(2048)
     host_key = paramiko.RSAKey.generate(2048)
-    folder = tempfile.mkdtemp()
+    kept = tempfile.TemporaryDirectory()  # removed when the interpreter exits, even after a failure
+    folder = kept.name
     with open(os.path.join(folder, "a.txt"), "w") as f:
         f.write("a")
     server = LoopbackX2GoServer(host_key)

@@ -23,10 +23,10 @@ from x2go_sftp.exports import Exports
 
 assert monkey.is_module_patched("threading") and monkey.is_module_patched("socket")
 shared = Exports()
-with js.served(shared) as transport:
+with tempfile.TemporaryDirectory() as parent, js.served(shared) as transport:
     for mode in ("backend", "sftp"):
         for name, (category, fn) in ATTACKS.items():
-            base = pathlib.Path(tempfile.mkdtemp())
+            base = pathlib.Path(tempfile.mkdtemp(dir=parent))
             if mode == "sftp":
                 sb = js.Sandbox(base, shared)
                 channel = transport.open_session()
@@ -85,7 +85,8 @@ from x2go_sftp.exports import Exports
 DEPTH, BURST, HEADROOM = 20, 500, 64
 print("gevent", gevent.__version__, "defers os.close:", os.close is not posix.close, flush=True)
 gevent.sleep(0)  # the hub exists, as in python-x2go's process
-base = tempfile.mkdtemp()
+kept = tempfile.TemporaryDirectory()  # removed when the interpreter exits
+base = kept.name
 deep = os.path.join(base, *[f"d{i}" for i in range(DEPTH)])
 os.makedirs(deep)
 
