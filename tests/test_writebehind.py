@@ -296,3 +296,98 @@ def test_a_short_write_fails_that_write_and_the_next_as_one_at_a_time(tmp_path: 
     assert results == [[1, None], [2, errno.EFBIG], [3, errno.EFBIG]] and size == 6000
     data = (tmp_path / "f").read_bytes()
     assert data == b"a" * 4096 + b"b" * (6000 - 4096)
+
+
+# -- waking: the worker per WAKE_BYTES, the session only while it waits ---------------------------
+
+class _WatchedLock:
+    """The worker's wake lock, counting the session's releases and telling when the worker sleeps again."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.releases = 0
+        self.asleep = threading.Event()
+
+    def locked(self) -> bool:
+        return bool(self.lock.locked())
+
+    def release(self) -> None:
+        self.releases += 1
+        self.asleep.clear()
+        self.lock.release()
+
+    def acquire(self) -> bool:
+        self.asleep.set()
+        return bool(self.lock.acquire())
+
+
+class _WatchedEvent:
+    """The session's event, telling when the session has begun to wait on it."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.waiting = threading.Event()
+
+    def clear(self) -> None:
+        self.event.clear()
+
+    def set(self) -> None:
+        self.event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return self.event.wait(timeout)
+
+
+def test_the_worker_wakes_per_wake_bytes_and_wakes_the_session_only_while_it_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    real_batch = writebehind.write_batch
+
+    def gated_batch(batch: list[writebehind.Write]) -> list[tuple[int, OSError | None]]:
+        assert gate.wait(WAIT)
+        return real_batch(batch)
+
+    monkeypatch.setattr(writebehind, "write_batch", gated_batch)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    behind = writebehind.WriteBehind()
+    wake = _WatchedLock(behind._wake)
+    event = _WatchedEvent(behind._event)
+    signals: list[int] = []
+    real_signal = behind._signal
+
+    def counting_signal() -> None:
+        signals.append(1)
+        real_signal()
+
+    behind._wake, behind._event, behind._signal = wake, event, counting_signal  # type: ignore[assignment]
+    piece = writebehind.WAKE_BYTES // 4
+    data = os.urandom(piece)
+    try:
+        gate.set()
+        for i in range(3):
+            behind.submit(i, fd, data, i * piece)
+        assert wake.releases == 0  # gathering: the worker sleeps on
+        behind.submit(3, fd, data, 3 * piece)
+        assert wake.releases == 1  # WAKE_BYTES gathered
+        assert wake.asleep.wait(WAIT)  # written, and asleep again
+        assert signals == []  # the session was not waiting: nothing woke it
+        assert behind.completed() == [(i, None) for i in range(4)]
+
+        # A session that waits wakes the worker for what has gathered, and is woken by it.
+        gate.clear()
+        behind.submit(4, fd, data, 4 * piece)
+        assert wake.releases == 1
+        opener = threading.Thread(target=lambda: event.waiting.wait(WAIT) and gate.set())
+        opener.start()
+        session = threading.Thread(target=behind.wait)
+        session.start()
+        session.join(WAIT)
+        opener.join(WAIT)
+        assert not session.is_alive() and wake.releases == 2 and signals
+        assert behind.completed() == [(4, None)]
+        assert os.pread(fd, 5 * piece, 0) == data * 5
+    finally:
+        gate.set()
+        behind.close()
+        os.close(fd)

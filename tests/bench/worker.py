@@ -13,7 +13,8 @@ measure what each buys (nodelay, gcm, pipe, fit, readahead, hold, fastpath, ack;
 asbytes: paramiko 2.x's own asbytes, which formats the repr of every packet sent; maccmp: paramiko's
 own MAC comparison, a Python loop per packet received; wb: WRITEs done in the session's greenlet,
 no write-behind thread; dirbatch: READDIR replies of at most 100 names, as OpenSSH's; locks: gevent's
-locks for the channel pipe and the exports; untimed: the fast path's channel reads with paramiko's timeout); ``--outer-gcm``
+locks for the channel pipe and the exports; untimed: the fast path's channel reads with paramiko's timeout;
+lazywb: the write-behind thread woken for every WRITE and waking the session after every batch); ``--outer-gcm``
 turns on the opt-in rekey of the outer connection to AES-GCM.
 
 The library's tunnel applies x2go_sftp.paramiko_compat.fix_speed_defects
@@ -207,6 +208,10 @@ def disable(names: list[str]) -> None:
             from x2go_sftp.engine import SFTPEngine
 
             SFTPEngine.write_behind = False
+        elif name == "lazywb":
+            from x2go_sftp import writebehind
+
+            writebehind.WAKE_LAZILY = False
         elif name not in ("nodelay", "command") and name:
             raise SystemExit(f"unknown optimisation {name!r}")
 
