@@ -26,9 +26,9 @@ What the client sees is what a one-request-at-a-time server shows it:
 Contiguous WRITEs to one descriptor reach the kernel as one ``pwritev()``.
 The worker is woken once :data:`WAKE_BYTES` have gathered, or when the
 session is about to wait for its writes; it wakes the session only if the
-session waits.  Every wake-up is a hand-over of the GIL between two threads,
-and, under gevent, a turn of the hub: done once per WRITE, they cost more
-CPU than the ``pwrite()`` they moved (notebook round 18).
+session waits.  Woken for every WRITE, and waking the session's hub after
+every batch, it cost more CPU than the ``pwrite()`` it took over (inside
+the real python-x2go, notebook round 18).
 
 On by default only under gevent's monkey patching (:func:`wanted`).  With
 plain threads the session's own thread already leaves the core to paramiko's
