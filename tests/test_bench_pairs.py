@@ -4,7 +4,8 @@ how pairs are ordered, and how CPU is read.  The benchmark itself never asserts 
 from __future__ import annotations
 
 import os
-import threading
+import subprocess
+import sys
 
 import pytest
 
@@ -49,33 +50,48 @@ def test_pairs_alternate_which_side_runs_first() -> None:
     assert all(sorted(pairs.order(p)) == ["A", "B"] for p in range(6))
 
 
+# A process of two threads: the main one waits on standard input, the other spins.
+_SPINNER = """
+import sys, threading
+
+def spin():
+    while True:
+        pass
+
+t = threading.Thread(target=spin, daemon=True)
+t.start()
+print(t.native_id, flush=True)
+sys.stdin.read()
+"""
+
+
 def test_cpu_is_read_in_nanoseconds_from_every_thread() -> None:
     if topo.cpu_ns([os.getpid()]) == 0:
         pytest.skip("this kernel keeps no schedstat")
-    stop = threading.Event()
-
-    def spin() -> None:
-        while not stop.is_set():
-            pass
-
-    t = threading.Thread(target=spin)
-    before = topo.cpu_ns([os.getpid()])
-    t.start()
+    # A process of its own: cpu_ns counts the threads alive now, and in pytest's own process
+    # threads of earlier tests may end meanwhile and take their CPU out of the sum.
+    child = subprocess.Popen([sys.executable, "-c", _SPINNER], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     try:
-        # Until the spinning thread alone has been charged 20 ms: a count of
+        assert child.stdout is not None
+        tid = int(child.stdout.readline())
+        before = topo.cpu_ns([child.pid])
+        spun = _thread_cpu_ns(child.pid, tid)
+        # Until the spinning thread alone has been charged 20 ms more: a count of
         # whole-process ticks, or of the main thread only, would not move by that.
-        tid = t.native_id
-        assert tid is not None
-        while True:
-            with open(f"/proc/self/task/{tid}/schedstat") as f:
-                if int(f.read().split()[0]) > 20_000_000:
-                    break
-        during = topo.cpu_ns([os.getpid()])
+        while _thread_cpu_ns(child.pid, tid) - spun <= 20_000_000:
+            pass
+        during = topo.cpu_ns([child.pid])
     finally:
-        stop.set()
-        t.join()
+        child.kill()
+        child.wait()
     assert during - before >= 20_000_000
     assert topo.cpu_ns([2**22 + 12345]) == 0  # a process that is not there costs nothing
+
+
+def _thread_cpu_ns(pid: int, tid: int) -> int:
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
 
 
 # -- tests/bench/hotspots.py: charging perf samples to Python functions ----------------
